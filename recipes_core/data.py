@@ -1,0 +1,120 @@
+"""Load records from local JSON / JSONL / Parquet files (or a hub dataset name) and validate them.
+
+Every problem is reported as a DataFormatError naming the file, the row (1-based line for JSONL) and
+the field, with what to do, instead of a traceback from deep inside a parser or a silently dropped row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet"}
+
+# field -> (expected type, may be empty)
+SCHEMAS: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    "alpaca": {"instruction": (str, False), "input": (str, True), "output": (str, False)},
+    "chat": {"messages": (list, False)},
+    "classification": {"sentence1": (str, False), "sentence2": (str, False), "label": (int, False)},
+}
+OPTIONAL_FIELDS = {"alpaca": {"input"}}
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be trained on; the message says where and what to fix."""
+
+
+def _where(source: str, row: int, field: str | None = None) -> str:
+    return f"{source}: row {row}" + (f": field '{field}'" if field else "")
+
+
+def validate_record(record, fmt: str, source: str, row: int) -> None:
+    if fmt not in SCHEMAS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of {sorted(SCHEMAS)}")
+    if not isinstance(record, dict):
+        raise DataFormatError(f"{_where(source, row)}: expected a JSON object, got {type(record).__name__}")
+    for field, (kind, may_be_empty) in SCHEMAS[fmt].items():
+        if field not in record or record[field] is None:
+            if field in OPTIONAL_FIELDS.get(fmt, ()):
+                continue
+            raise DataFormatError(f"{_where(source, row, field)} is missing; every {fmt} row needs "
+                                  f"{sorted(SCHEMAS[fmt])}")
+        value = record[field]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataFormatError(f"{_where(source, row, field)} should be {kind.__name__}, got "
+                                  f"{type(value).__name__} ({value!r:.60})")
+        empty = (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
+        if empty and not may_be_empty:
+            raise DataFormatError(f"{_where(source, row, field)} is empty; remove the row or fill it in")
+    if fmt == "classification" and record["label"] not in (0, 1):
+        raise DataFormatError(f"{_where(source, row, 'label')} is {record['label']!r}; labels are 0 or 1")
+    if fmt == "chat":
+        _validate_messages(record["messages"], source, row)
+
+
+def _validate_messages(messages: list, source: str, row: int) -> None:
+    for i, message in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise DataFormatError(f"{_where(source, row, field)} must be an object with string 'role' "
+                                  "and 'content'")
+        if message["role"] not in CHAT_ROLES:
+            raise DataFormatError(f"{_where(source, row, field + '.role')} is {message['role']!r}; "
+                                  f"use one of {CHAT_ROLES}")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataFormatError(f"{_where(source, row, field + '.content')} is an empty assistant answer; "
+                                  "there is nothing to learn from it")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataFormatError(f"{_where(source, row, 'messages')} has no assistant turn; nothing would be "
+                              "supervised")
+
+
+def _read_json_rows(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}: row {line_no}: invalid JSON ({err.msg} at column {err.colno}); "
+                                      "each line must be one JSON object") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    return list(enumerate(data, start=1))
+
+
+def load_records(source: str | Path, fmt: str, split: str = "train") -> datasets.Dataset:
+    """A validated `datasets.Dataset` from a local .json/.jsonl/.parquet file or a hub dataset name.
+
+    Rows are numbered from 1: the line number in JSONL, the position in a JSON array or Parquet file.
+    """
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such data file")
+        if path.suffix == ".parquet":
+            table = datasets.Dataset.from_parquet(str(path))
+            rows = list(enumerate(table.to_list(), start=1))
+        elif path.suffix in (".json", ".jsonl"):
+            rows = _read_json_rows(path)
+        else:
+            raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
+        label = str(path)
+    else:  # a hub name, for users who are online
+        rows = list(enumerate(datasets.load_dataset(str(source), split=split).to_list(), start=1))
+        label = f"{source} ({split})"
+    if not rows:
+        raise DataFormatError(f"{label}: no rows")
+    for row_no, record in rows:
+        validate_record(record, fmt, label, row_no)
+    return datasets.Dataset.from_list([record for _, record in rows])

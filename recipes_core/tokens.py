@@ -1,0 +1,42 @@
+"""Tokenizer loading and the end-of-sequence / end-of-turn ids that generation must stop on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+# Tokens that end a sequence or a turn in the Llama 3 family and in ChatML-style models (SmolLM2,
+# Qwen). Looked up by text in the tokenizer's vocabulary, never by a hard-coded id.
+END_TOKEN_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
+
+
+def load_tokenizer(path_or_name: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load the fast (Rust) tokenizer through AutoTokenizer; a slow one is an error, not a fallback."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path_or_name), use_fast=True,
+                                              trust_remote_code=trust_remote_code)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path_or_name}: AutoTokenizer returned a slow tokenizer; the recipes need the "
+                         "fast one (offset mappings for label masks). Install `tokenizers` or convert it.")
+    return tokenizer
+
+
+def end_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None) -> list[int]:
+    """Every id that ends a sequence or a turn: eos, the generation config's eos list, and the known
+    end tokens that exist in this vocabulary. Generation must stop on all of them."""
+    ids: list[int] = []
+
+    def add(token_id):
+        if token_id is not None and token_id not in ids:
+            ids.append(int(token_id))
+
+    add(tokenizer.eos_token_id)
+    if generation_config is not None and generation_config.eos_token_id is not None:
+        eos = generation_config.eos_token_id
+        for token_id in eos if isinstance(eos, (list, tuple)) else [eos]:
+            add(token_id)
+    vocab = tokenizer.get_vocab()
+    for text in END_TOKEN_TEXTS:
+        if text in vocab:
+            add(vocab[text])
+    return ids
