@@ -4,10 +4,12 @@ Padding: each batch is padded to its longest example; pad labels are IGNORE_INDE
 mask hides the pads.
 
 Packing: examples are laid end to end in blocks of `block_size` tokens. Position ids restart at 0 for
-every example and no attention mask is passed; that is the packed-sequence format Hugging Face models
-recognise (as DataCollatorWithFlattening produces): a new sequence starts wherever a position id does
-not follow its predecessor, and attention is block-diagonal across those sequences. The test suite
-checks that per-sample losses of a packed block equal the samples run one by one.
+every example (so rotary embeddings see the positions each sample would have alone), and the attention
+mask is an explicit 4-D boolean block-diagonal causal mask (batch, 1, T, T): a token attends only to
+earlier tokens of its own sample. Hugging Face models take such a 4-D mask as is with the default
+`sdpa` attention. (Relying on position ids alone is fragile: transformers only infers the packing when
+no attention mask and no KV cache are passed, and a model in eval mode creates a cache by default.)
+The test suite checks that per-sample losses of a packed block equal the samples run one by one.
 """
 
 from __future__ import annotations
@@ -63,5 +65,16 @@ def pack_examples(examples: list[dict], block_size: int, pad_token_id: int) -> l
     return blocks
 
 
+def block_diagonal_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, T) position ids that restart per sample -> (batch, 1, T, T) bool mask, True = may attend."""
+    sample_index = (position_ids == 0).cumsum(dim=-1)  # which sample each token belongs to
+    same_sample = sample_index.unsqueeze(-1) == sample_index.unsqueeze(-2)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (same_sample & causal).unsqueeze(1)
+
+
 def packed_collate(blocks: list[dict]) -> dict[str, torch.Tensor]:
-    return {key: torch.tensor([b[key] for b in blocks]) for key in ("input_ids", "labels", "position_ids")}
+    batch = {key: torch.tensor([b[key] for b in blocks]) for key in ("input_ids", "labels", "position_ids")}
+    batch["attention_mask"] = block_diagonal_causal_mask(batch["position_ids"])
+    return batch
