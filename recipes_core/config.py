@@ -1,0 +1,237 @@
+"""Training configuration: plain dataclasses, filled from a YAML file and then `section.key=value` overrides.
+
+    python -m recipes_core.finetune --config cookbook/tiny_full.yaml train.lr=3e-4 checkpoint.resume=auto
+
+Why dataclasses and not a config framework: a reader sees every option, its type and its default in one
+file, and a typo is caught before any model is loaded. An unknown key is an error that names the
+nearest valid one (difflib), because a silently ignored `train.learning_rate=...` wastes a whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"  # tiny | hf (local folder) | hub (name, needs network) | gguf (file)
+    path: str = ""  # folder, hub name or .gguf file; for tiny: where to build it (default runs/cache/tiny)
+    tiny_variant: str = "instruct"  # tiny only: base | instruct
+    tokenizer: str = ""  # a different tokenizer folder; empty = the model's own
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    format: str = "alpaca"  # alpaca | chat | classification
+    train_path: str = "cookbook/data/alpaca_train.jsonl"
+    eval_path: str = "cookbook/data/alpaca_eval.jsonl"
+    max_seq_len: int = 256
+    train_on_inputs: bool = False
+    packing: bool = False  # pack examples into blocks of max_seq_len tokens instead of padding
+    max_train_examples: int = 0  # 0 = all; small numbers make quick tests
+    max_eval_examples: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run the epochs to the end
+    micro_batch_size: int = 4  # examples per rank per forward/backward
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; global batch = micro * accum * ranks
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after the warmup)
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end
+    max_eval_batches: int = 0  # 0 = the whole eval set
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True) and what it needs
+
+
+@dataclass
+class FSDPConfig:
+    sharding: str = "full"  # full (FSDP over all ranks) | hybrid (HSDP: replicate x shard 2-D mesh)
+    replicate_degree: int = 0  # hybrid only: number of replica groups; 0 = number of nodes
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "runs/finetune"
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    save_final: bool = True
+    save_optimizer: bool = True  # False: model only (a cold optimizer on resume)
+    keep_last_n: int = 0  # 0 = keep all
+    resume: str = ""  # "" (fresh start) | auto (latest under output_dir, if any) | path to a step_<k> folder
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LogConfig:
+    progress_bar: bool = True
+    log_every: int = 1  # optimizer steps between metric lines
+    tensorboard: bool = True  # used only when the tensorboard package is installed
+    peak_flops: float = 0.0  # per device, for MFU; 0 = a known GPU peak, or a short matmul benchmark
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the dataclasses; the message says what to use."""
+
+
+def valid_keys(config: Config | None = None) -> list[str]:
+    config = config or Config()
+    return [f"{section.name}.{f.name}" for section in dataclasses.fields(config)
+            for f in dataclasses.fields(getattr(config, section.name))]
+
+
+# Names other trainers use for the same thing; difflib alone would not find "lr" from "learning_rate".
+ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "per_device_train_batch_size": "micro_batch_size",
+           "gradient_accumulation_steps": "grad_accum_steps", "num_epochs": "epochs", "num_train_epochs": "epochs",
+           "output": "output_dir", "warmup": "warmup_steps", "max_length": "max_seq_len"}
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    section, _, name = key.rpartition(".")
+    aliased = [c for c in choices if name in ALIASES and c.endswith("." + ALIASES[name])]
+    close = aliased or difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(choices)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert YAML values and override strings to the field's declared type."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if isinstance(value, str) and (hint in (int, float, bool) or origin in (list, tuple)):
+        value = yaml.safe_load(value)  # "3e-4" -> 3e-4 needs care: YAML 1.1 reads it as a string
+        if isinstance(value, str) and hint is float:
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+    try:
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            return "" if value is None else str(value)
+        if origin in (list, tuple):
+            return origin(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    if key not in valid_keys(config):
+        raise _unknown(key, valid_keys(config))
+    section = getattr(config, section_name)
+    annotation = typing.get_type_hints(type(section))[name]
+    setattr(section, name, _coerce(value, annotation, key))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (nested `section: {key: value}`), then `section.key=value` overrides."""
+    config = Config()
+    if path:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise _unknown(str(section), [f.name for f in dataclasses.fields(config)])
+            for name, value in values.items():
+                _set(config, f"{section}.{name}", value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        _set(config, key.strip(), value.strip())
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    choices = {"model.source": ("tiny", "hf", "hub", "gguf"), "data.format": ("alpaca", "chat", "classification"),
+               "train.lr_schedule": ("cosine", "linear", "constant"), "fsdp.sharding": ("full", "hybrid"),
+               "fsdp.mixed_precision": ("auto", "bf16", "fp32"), "fsdp.backend": ("auto", "nccl", "gloo"),
+               "model.tiny_variant": ("base", "instruct")}
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}; choose one of {list(allowed)}")
+    for key in ("train.micro_batch_size", "train.grad_accum_steps", "train.epochs", "data.max_seq_len"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 1:
+            raise ConfigError(f"{key} must be at least 1")
+    if config.model.source != "tiny" and not config.model.path:
+        raise ConfigError(f"model.source={config.model.source} needs model.path")
+
+
+def to_dict(config: Config) -> dict:
+    """Plain dict (tuples as lists) for YAML, JSON and train_params.yaml."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def from_dict(data: dict) -> Config:
+    """The inverse of to_dict (e.g. the `config` entry of a checkpoint's train_params.yaml)."""
+    config = Config()
+    for section, values in data.items():
+        for name, value in values.items():
+            _set(config, f"{section}.{name}", value)
+    return config
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

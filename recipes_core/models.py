@@ -1,0 +1,172 @@
+"""Where models come from: the tiny factory, a local Hugging Face folder, a hub name, or a GGUF file.
+
+Every source is first turned into a *local Hugging Face folder* (config.json, safetensors, tokenizer with
+its chat template), once, on one process:
+  tiny  -> recipes_core.tiny.build_tiny(path) and its base/ or instruct/ folder
+  gguf  -> gguf_to_hf(file): transformers dequantizes the GGUF (~30 s for 135M parameters), the weights are
+           copied into a plain LlamaForCausalLM and saved; the folder is reused on the next run
+  hf    -> the folder itself;  hub -> the name (from_pretrained downloads it; needs the network)
+
+A model_source is the small dict that says how to get the model back; it is stored in every
+checkpoint's train_params.yaml: {"kind": ..., "path": what the user gave, "hf_dir": the local folder or
+hub name actually loaded, "tiny_variant": ...}.
+
+The trainer never loads the full weights on every rank: it builds the model on the meta device from the
+config (build_model_from_config), shards it, and rank 0 alone reads the full state dict
+(load_full_state_dict) which is then broadcast shard by shard (see recipes_core.distributed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from recipes_core.tokens import load_tokenizer
+
+DEFAULT_TINY_DIR = "runs/cache/tiny"
+GGUF_MARKER = "converted_from_gguf.json"
+# Config entries that describe where weights came from, not the architecture: a GGUF load leaves
+# quantization_config behind, and a folder saved with it would be mistaken for a quantized model.
+NOT_ARCHITECTURE = ("quantization_config", "_model_name_or_path", "_name_or_path")
+
+
+# ----- sources -> local folders ------------------------------------------------------------------------
+
+def ensure_tiny(out_dir: str | Path = DEFAULT_TINY_DIR) -> dict[str, Path]:
+    """The tiny base/instruct folders under out_dir, built once (build_tiny is deterministic)."""
+    out = Path(out_dir)
+    paths = {variant: out / variant for variant in ("base", "instruct")}
+    if all((p / "model.safetensors").exists() and (p / "tokenizer.json").exists() for p in paths.values()):
+        return paths
+    from recipes_core.tiny import build_tiny
+
+    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)  # atomic: another process sees either nothing or the complete folders
+    return paths
+
+
+def _gguf_fingerprint(gguf_path: Path) -> dict:
+    stat = gguf_path.stat()
+    return {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+def default_gguf_hf_dir(gguf_path: str | Path) -> Path:
+    gguf_path = Path(gguf_path)
+    return gguf_path.parent / f"{gguf_path.stem}.hf"
+
+
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Write a plain Hugging Face folder (fp32 safetensors, config, generation_config, tokenizer with its
+    chat template) for a Llama-architecture GGUF file; reuse it when it already exists for that file.
+
+    transformers dequantizes GGUF weights on load but cannot save_pretrained the result directly, so the
+    tensors are copied into a freshly built model of the same config, which saves like any other."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path}: no such GGUF file (for SmolLM2 run `make smollm2`)")
+    out = Path(out_dir) if out_dir else default_gguf_hf_dir(gguf_path)
+    marker = out / GGUF_MARKER
+    fingerprint = _gguf_fingerprint(gguf_path)
+    if not force and marker.exists() and json.loads(marker.read_text()) == fingerprint:
+        return out
+
+    from transformers import AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                  dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = loaded.config
+    model = build_model_from_config(config.to_dict(), device="cpu")
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]:
+        raise RuntimeError(f"{gguf_path}: GGUF tensors do not match the config: missing {missing}, "
+                           f"unexpected {unexpected}")
+    model.tie_weights()
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+
+    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / GGUF_MARKER).write_text(json.dumps(fingerprint))  # written last: the folder is complete
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model_source(kind: str, path: str = "", tiny_variant: str = "instruct") -> dict:
+    """Materialize the source as a local HF folder (call on one process, then barrier) and return the
+    model_source dict that train_params.yaml stores."""
+    if kind == "tiny":
+        paths = ensure_tiny(path or DEFAULT_TINY_DIR)
+        hf_dir = str(paths[tiny_variant])
+    elif kind == "gguf":
+        hf_dir = str(gguf_to_hf(path))
+    elif kind == "hf":
+        if not (Path(path) / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        hf_dir = str(path)
+    elif kind == "hub":
+        hf_dir = str(path)
+    else:
+        raise ValueError(f"unknown model source {kind!r}; use tiny, hf, hub or gguf")
+    return {"kind": kind, "path": str(path), "hf_dir": hf_dir, "tiny_variant": tiny_variant}
+
+
+# ----- building and loading ----------------------------------------------------------------------------
+
+def build_model_from_config(model_config_dict: dict, device: str | torch.device = "meta",
+                            dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """An untrained model of this config. On "meta" no memory is allocated (the trainer fills the
+    weights after sharding); on "cpu" the weights are randomly initialised."""
+    config_dict = {k: v for k, v in model_config_dict.items() if k not in NOT_ARCHITECTURE}
+    config = AutoConfig.for_model(config_dict.pop("model_type", "llama"), **config_dict)
+    config.dtype = dtype
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def reset_rotary_buffers(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Recompute the rotary embedding's inv_freq buffers. They are non-persistent (in no state dict), so
+    after a meta-device build and to_empty() they hold garbage and must be computed again."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(module.config).to(device)
+            for name, buffer in fresh.named_buffers(recurse=False):
+                getattr(module, name).copy_(buffer)
+
+
+def load_full_state_dict(hf_dir: str | Path, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict, named as LlamaForCausalLM(config).state_dict() names it (tied lm_head
+    included). Only rank 0 calls this."""
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    return model.state_dict()
+
+
+def load_model_config(hf_dir: str | Path, trust_remote_code: bool = False) -> dict:
+    return AutoConfig.from_pretrained(str(hf_dir), trust_remote_code=trust_remote_code).to_dict()
+
+
+def load_model_and_tokenizer(model_source: dict, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                             tokenizer_path: str | None = None):
+    """(model, tokenizer) from a model_source dict (as stored in train_params.yaml), on one process."""
+    if "hf_dir" not in model_source or not Path(str(model_source["hf_dir"])).exists():
+        model_source = resolve_model_source(model_source["kind"], model_source.get("path", ""),
+                                            model_source.get("tiny_variant", "instruct"))
+    hf_dir = model_source["hf_dir"]
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(device)
+    tokenizer = load_tokenizer(tokenizer_path or hf_dir)
+    return model, tokenizer
