@@ -98,3 +98,224 @@ def check_tokenized(examples: list[dict], vocab_size: int, end_ids: list[int], t
     if truncated:
         report.add("warning", f"{len(truncated)} examples were truncated to max_seq_len (rows {_rows(truncated)})")
     return report
+
+
+# ---------------------------------------------------------------- label masks (the echo's first cause)
+
+
+def check_label_masks(examples: list[dict], title: str = "label masks") -> Report:
+    """Two mask mistakes that teach a model to repeat its prompt.
+
+    Error: labels shifted by one before the model (Hugging Face models shift inside their loss, so the
+    model learns to predict each token two steps ahead of where it stands).
+    Warning: the prompt is supervised (the first real token is learned in nearly every example), so
+    the model learns to write prompts, not answers; mask them with -100 (train_on_inputs false).
+    """
+    report = Report(title)
+    shifted = aligned = prompt_learned = 0
+    for example in examples:
+        ids, labels = example["input_ids"], example["labels"]
+        for i, label in enumerate(labels):
+            if label == IGNORE_INDEX:
+                continue
+            aligned += label == ids[i]
+            shifted += i + 1 < len(ids) and label == ids[i + 1] and label != ids[i]
+        if len(labels) > 1 and labels[1] != IGNORE_INDEX:
+            prompt_learned += 1
+    report.stats = {"supervised tokens equal to their input": aligned, "supervised tokens equal to the next input": shifted,
+                    "examples whose prompt is supervised": prompt_learned}
+    if shifted > aligned:
+        report.add("error", "labels are shifted by one (label[i] == input_ids[i+1]): the model shifts them "
+                            "again inside its loss; keep labels aligned with input_ids")
+    if examples and prompt_learned >= 0.9 * len(examples):
+        report.add("warning", f"{prompt_learned} of {len(examples)} examples supervise their prompt: the model "
+                              "learns to reproduce prompts (one cause of 'it only repeats the prompt'); mask "
+                              "the prompt with -100 (train_on_inputs: false)")
+    return report
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def _tokenizer_parts(tokenizer) -> dict:
+    import json
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend.get("model", {})
+    return {
+        "vocabulary": model.get("vocab"),
+        "merges": [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []],
+        "added tokens": sorted((t["id"], t["content"], t["special"]) for t in backend.get("added_tokens", [])),
+        "normalizer": backend.get("normalizer"),
+        "pre-tokenizer": backend.get("pre_tokenizer"),
+        "chat template": getattr(tokenizer, "chat_template", None),
+        "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token,
+    }
+
+
+def _describe_difference(part: str, a, b) -> str:
+    if isinstance(a, dict) and isinstance(b, dict) and part == "vocabulary":
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        moved = sum(1 for t in set(a) & set(b) if a[t] != b[t])
+        return f"vocabulary: {len(only_a)} tokens only in A, {len(only_b)} only in B, {moved} with other ids"
+    if isinstance(a, list) and isinstance(b, list):
+        return f"{part}: {len(a)} in A, {len(b)} in B, {len(set(map(str, a)) ^ set(map(str, b)))} differ"
+    short = lambda value: (repr(value)[:60] + "...") if len(repr(value)) > 60 else repr(value)
+    return f"{part}: A {short(a)}, B {short(b)}"
+
+
+def compare_tokenizers(a, b, title: str = "tokenizers") -> Report:
+    """identical / same-vocabulary (same ids for the same text; template or special-token roles differ)
+    / different. Base and instruct Llama 3 tokenizers are same-vocabulary: data tokenized with one is
+    valid for the other, but only the instruct one has the chat template and the end-of-turn eos."""
+    parts_a, parts_b = _tokenizer_parts(a), _tokenizer_parts(b)
+    differing = [part for part in parts_a if parts_a[part] != parts_b[part]]
+    encoding_parts = {"vocabulary", "merges", "added tokens", "normalizer", "pre-tokenizer"}
+    if not differing:
+        verdict = "identical"
+    elif encoding_parts.isdisjoint(differing):
+        verdict = "same-vocabulary"
+    else:
+        verdict = "different"
+    report = Report(title, stats={"verdict": verdict, "vocabulary sizes": (len(a), len(b))})
+    for part in differing:
+        level = "error" if part in encoding_parts else "info"
+        report.add(level, _describe_difference(part, parts_a[part], parts_b[part]))
+    if verdict == "different":
+        report.add("error", "these tokenizers map text to different ids: data and models made with one are "
+                            "not valid for the other")
+    return report
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def check_checkpoint(path) -> Report:
+    """Complete or not (.metadata and every shard it names), what it holds (model, optimizer, step),
+    and its size against the prediction (4 B/param weights, 8 B/trainable param for AdamW)."""
+    from recipes_core.checkpoint import measured_sizes, size_report
+    from recipes_core.convert import incomplete_reasons, load_train_params, read_metadata, resolve_checkpoint
+
+    ckpt_dir = resolve_checkpoint(path)
+    report = Report(f"checkpoint {ckpt_dir}")
+    for reason in incomplete_reasons(ckpt_dir):
+        report.add("error", reason)
+    if not report.ok:
+        return report
+    params = load_train_params(ckpt_dir)
+    saved = read_metadata(ckpt_dir).state_dict_metadata
+    holds = sorted({key.split(".")[0] for key in saved})
+    report.stats = {"holds": ", ".join(holds), "step": params.get("step"),
+                    "model tensors": sum(key.startswith("model.") for key in saved),
+                    "lora adapter only": bool(params.get("lora")), "world size": params.get("world_size")}
+    if params.get("save_optimizer") and not {"optim", "scheduler", "trainer"} <= set(holds):
+        report.add("error", "train_params.yaml says save_optimizer but the checkpoint lacks optimizer, "
+                            "scheduler or trainer state: it cannot resume exactly")
+    if params.get("param_counts"):
+        sizes = size_report(ckpt_dir)
+        report.stats.update({"bytes written": sizes["measured"]["files_on_disk"],
+                             "bytes predicted": sizes["predicted"]["total"],
+                             "written / predicted": round(sizes["ratio_total"], 4)})
+        if abs(sizes["ratio_total"] - 1) > 0.1:
+            report.add("warning", f"the files are {sizes['ratio_total']:.2f}x the predicted size: something is "
+                                  "saved twice, or not saved")
+    else:
+        report.stats["bytes written"] = measured_sizes(ckpt_dir)["files_on_disk"]
+        report.add("info", "no param_counts in train_params.yaml: size not compared with a prediction")
+    return report
+
+
+# ---------------------------------------------------------------- models: template, stop ids, echo
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The text the chat template puts right after an assistant answer (<|eot_id|>, <|im_end|>)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    answer = "Paris"
+    messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": answer}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = text[text.rindex(answer) + len(answer):].split()
+    return after[0] if after else None
+
+
+def check_model_setup(tokenizer, generation_config, title: str = "model setup") -> Report:
+    """Chat template present, the stop ids include end of turn, pad vs eos, base or instruct."""
+    report = Report(title)
+    eos = generation_config.eos_token_id if generation_config is not None else None
+    stop_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+    end_of_turn = end_of_turn_token(tokenizer)
+    report.stats = {"kind": "instruct (chat template)" if end_of_turn else "base (no chat template)",
+                    "stop ids": stop_ids, "end of turn": end_of_turn,
+                    "eos": tokenizer.eos_token, "pad": tokenizer.pad_token}
+    if not getattr(tokenizer, "chat_template", None):
+        report.add("warning", "no chat template: this is a base model (or its template was not saved); "
+                              "use completion prompts (e.g. Alpaca), and never chat, with it")
+    elif end_of_turn is not None:
+        end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+        if end_id not in stop_ids:
+            report.add("error", f"generation_config.eos_token_id {stop_ids} does not include the end-of-turn "
+                                f"token {end_of_turn} (id {end_id}): generation runs past the answer into "
+                                "new turns; list every end id (recipes_core.tokens.end_token_ids)")
+    if tokenizer.pad_token_id is None:
+        report.add("info", "no pad token: batched generation and padding collators need one")
+    elif tokenizer.pad_token_id == tokenizer.eos_token_id:
+        report.add("warning", f"pad equals eos ({tokenizer.eos_token}): a collator that masks pads by id also "
+                              "masks every supervised eos, and the model never learns to stop; mask padding "
+                              "by position (recipes_core.collate does)")
+    return report
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def repeats_prompt(prompt: str, answer: str, min_chars: int = 24) -> bool:
+    """The answer contains the prompt's start, or is a long stretch copied out of the prompt."""
+    prompt, answer = _normalise(prompt), _normalise(answer)
+    head = prompt[:40]
+    if len(head) >= min(min_chars, len(prompt)) and head and head in answer:
+        return True
+    return len(answer) >= min_chars and answer in prompt
+
+
+def check_answers(prompts: list[str], answers: list[str], title: str = "echo test") -> Report:
+    """Flag empty answers and answers that repeat their prompt."""
+    report = Report(title)
+    empty = [i for i, a in enumerate(answers, start=1) if not a.strip()]
+    echoed = [i for i, (p, a) in enumerate(zip(prompts, answers), start=1) if a.strip() and repeats_prompt(p, a)]
+    report.stats = {"prompts": len(prompts), "empty answers": len(empty), "answers repeating the prompt": len(echoed)}
+    for i, answer in enumerate(answers[:3], start=1):
+        report.stats[f"answer {i}"] = answer[:60]
+    if empty:
+        report.add("error", f"empty answers to prompts {_rows(empty)}: the model stops at once (trained with "
+                            "the prompt unmasked, or fed a prompt format it never saw)")
+    if echoed:
+        report.add("error", f"answers repeat their prompt ({_rows(echoed)}): decode only the new tokens "
+                            "(output[:, prompt_length:]), mask prompt labels with -100, use the chat template")
+    return report
+
+
+ECHO_PROMPTS = ["Give the first item of the list.\nmango, bridge, wolf", "Is this review positive or negative?\n"
+                "the soup was wonderful and the staff was friendly", "How many items does this list contain?\n"
+                "apple, horse, taxi"]
+
+
+def echo_test(model, tokenizer, prompts: list[str] | None = None, mode: str | None = None,
+              max_new_tokens: int = 24) -> Report:
+    """Generate (greedy, chat mode when there is a chat template) and check the answers."""
+    from recipes_core.infer import generate
+
+    prompts = prompts or ECHO_PROMPTS
+    mode = mode or ("chat" if getattr(tokenizer, "chat_template", None) else "completion")
+    answers = generate(model, tokenizer, prompts, mode=mode, max_new_tokens=max_new_tokens)
+    return check_answers(prompts, answers, title=f"echo test ({mode})")
+
+
+def check_model(model, tokenizer, echo_prompts: list[str] | None = None, title: str = "model") -> Report:
+    """check_model_setup and echo_test in one report."""
+    report = Report(title)
+    for part in (check_model_setup(tokenizer, model.generation_config), echo_test(model, tokenizer, echo_prompts)):
+        report.stats.update(part.stats)
+        report.findings += part.findings
+    return report

@@ -1,0 +1,163 @@
+"""Generate from a Hugging Face folder or straight from a training checkpoint.
+
+    python -m recipes_core.infer MODEL --prompt "Give the first item of the list." [--prompt ...]
+    python -m recipes_core.infer MODEL --prompts-file prompts.txt --batch-size 8 --mode completion
+
+MODEL is a Hugging Face folder (config.json), a checkpoint step folder, or a run folder with `latest`.
+Every choice that made older recipes "only repeat the prompt" is fixed here:
+  - chat mode renders messages with the tokenizer's own chat template (an error when there is none);
+  - generation stops on every end id (eos, end of turn, the generation config's list);
+  - only the new tokens are decoded, never the prompt;
+  - batches are left-padded, so every row's new tokens start right after its own prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, TextStreamer
+
+from recipes_core.convert import CheckpointError, generation_config_for, load_model_from_checkpoint
+from recipes_core.tokens import end_token_ids, load_tokenizer
+
+MODES = ("chat", "completion")
+
+
+class NoChatTemplateError(ValueError):
+    pass
+
+
+def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a Hugging Face folder or a checkpoint (rebuilt in memory, nothing written)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval(), load_tokenizer(path)
+    model, params, _ = load_model_from_checkpoint(path)
+    if params.get("lora"):
+        model = model.merge_and_unload()
+    tokenizer = load_tokenizer(params["tokenizer"])
+    model.generation_config = generation_config_for(tokenizer, params.get("model_source"))
+    return model.to(dtype).eval(), tokenizer
+
+
+def render_prompts(tokenizer, prompts: list[str], mode: str = "chat", system: str | None = None) -> list[str]:
+    """The exact text the model sees: chat messages through the chat template (with the assistant
+    header that asks for an answer), or the prompt as is."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {MODES}")
+    if mode == "completion":
+        return list(prompts)
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplateError(
+            f"the tokenizer ({tokenizer.name_or_path}) has no chat template, so a chat request cannot be "
+            "formatted the way the model was trained: this is a base model or a folder saved without its "
+            "template. Use mode='completion' (--mode completion) with the prompt format it was trained on "
+            "(e.g. the Alpaca prompt), or load the instruct model / the tokenizer that has the template.")
+    rendered = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return rendered
+
+
+def generation_settings(model, tokenizer, max_new_tokens: int, do_sample: bool, temperature: float,
+                        top_p: float) -> GenerationConfig:
+    """The model's generation config with the stop ids set to every end id and explicit decoding."""
+    config = GenerationConfig.from_dict(model.generation_config.to_dict())
+    config.eos_token_id = end_token_ids(tokenizer, model.generation_config)
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.eos_token_id[0]
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = do_sample
+    if do_sample:
+        config.temperature, config.top_p = temperature, top_p
+    else:
+        config.temperature = config.top_p = config.top_k = None
+    return config
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], mode: str = "chat", max_new_tokens: int = 64,
+             batch_size: int = 8, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
+             system: str | None = None, stream: bool = False, seed: int | None = None) -> list[str]:
+    """One answer per prompt: the decoded new tokens only, special tokens skipped.
+    stream=True prints tokens as they come (batch size 1)."""
+    texts = render_prompts(tokenizer, prompts, mode, system)
+    settings = generation_settings(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
+    if seed is not None:
+        torch.manual_seed(seed)
+    # Chat templates already start with bos; completion prompts get it from the tokenizer.
+    add_special_tokens = mode == "completion"
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = []
+    try:
+        step = 1 if stream else batch_size
+        for start in range(0, len(texts), step):
+            batch = tokenizer(texts[start:start + step], return_tensors="pt", padding=True,
+                              add_special_tokens=add_special_tokens).to(model.device)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+            output = model.generate(**batch, generation_config=settings, streamer=streamer)
+            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return [answer.strip() for answer in answers]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt a line (blank lines skipped), or a .jsonl whose rows have 'prompt' or 'instruction'."""
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    import json
+
+    prompts = []
+    for row, line in enumerate(lines, start=1):
+        record = json.loads(line)
+        prompt = record.get("prompt") or record.get("instruction")
+        if not prompt:
+            raise ValueError(f"{path}: row {row} has neither 'prompt' nor 'instruction'")
+        prompts.append(prompt + (f"\n{record['input']}" if record.get("input") else ""))
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes_core.infer", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="Hugging Face folder, checkpoint step folder, or run folder")
+    parser.add_argument("--prompt", action="append", default=[], help="repeatable")
+    parser.add_argument("--prompts-file", help="one prompt a line, or .jsonl with 'prompt'/'instruction'")
+    parser.add_argument("--mode", choices=MODES, default="chat")
+    parser.add_argument("--system", help="system message (chat mode)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-stream", action="store_true", help="print answers at the end, not token by token")
+    args = parser.parse_args(argv)
+    prompts = args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        parser.error("give --prompt TEXT or --prompts-file FILE")
+    try:
+        model, tokenizer = load_for_inference(args.model)
+        stream = not args.no_stream and len(prompts) == 1
+        if stream:
+            print(f">>> {prompts[0]}")
+        answers = generate(model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size,
+                           args.sample, args.temperature, args.top_p, args.system, stream, args.seed)
+    except (NoChatTemplateError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if not stream:
+        for prompt, answer in zip(prompts, answers):
+            print(f">>> {prompt}\n{answer}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
