@@ -212,9 +212,10 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
     return final
 
 
-def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, lora: bool = False) -> dict | None:
+def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, trainer_state: dict,
+                    lora: bool = False) -> dict | None:
     """Restore what the folder holds into model (and optimizer, scheduler, RNG when saved); returns the
-    trainer state, or None for a model-only checkpoint."""
+    trainer state (same keys as the trainer_state template given), or None for a model-only checkpoint."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, set_model_state_dict,
@@ -230,7 +231,7 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, lora: boo
     if full:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
         state["scheduler"] = scheduler.state_dict()
-        state["trainer"] = {}
+        state["trainer"] = dict(trainer_state)  # DCP loads only the keys the target dict has
     dcp.load(state, checkpoint_id=str(ckpt_dir), planner=_weights_only_planner())
     if not lora:  # get_model_state_dict may return copies (e.g. with CPU offload): set them back
         set_model_state_dict(model, state["model"])

@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 42
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run the epochs to the end
+    stop_after_steps: int = 0  # end this job early (e.g. a SLURM time limit), checkpoint, resume later;
+    #                            the schedule still spans max_steps. 0 = run to the end
     micro_batch_size: int = 4  # examples per rank per forward/backward
     grad_accum_steps: int = 1  # micro-batches per optimizer step; global batch = micro * accum * ranks
     lr: float = 2e-5

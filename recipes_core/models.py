@@ -145,7 +145,7 @@ def reset_rotary_buffers(model: torch.nn.Module, device: torch.device | str) -> 
         if hasattr(module, "inv_freq") and hasattr(module, "config"):
             fresh = type(module)(module.config).to(device)
             for name, buffer in fresh.named_buffers(recurse=False):
-                getattr(module, name).copy_(buffer)
+                module.register_buffer(name, buffer, persistent=False)
 
 
 def load_full_state_dict(hf_dir: str | Path, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:

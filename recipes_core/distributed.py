@@ -1,0 +1,176 @@
+"""Process groups, seeds, and FSDP2 sharding with a model that is never fully built on every rank.
+
+Launch: `torchrun --nproc_per_node N -m recipes_core.finetune ...` sets RANK/WORLD_SIZE/LOCAL_RANK; a
+plain `python -m recipes_core.finetune ...` becomes a one-process group, so there is a single code path
+(FSDP with one rank shards nothing but runs the same hooks, all-reduces and checkpoint code).
+
+Loading (why it is done this way): a 70B model in fp32 is 280 GB; N ranks each building it on CPU would
+need N x 280 GB. Instead every rank builds the model on the meta device (shapes only, no memory), shards
+it with fully_shard, allocates only its own shards (to_empty), and rank 0 alone reads the full weights,
+which set_model_state_dict(..., broadcast_from_rank0=True) sends tensor by tensor to the shards.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    created_group: bool  # True when this process created the group (and must destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(backend: str = "auto") -> DistEnv:
+    """Join (or create) the process group: nccl on CUDA, gloo on CPU unless told otherwise."""
+    launched = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    created = not dist.is_initialized()
+    if created:
+        # A plain process becomes a group of one on a free local port (os.environ is left alone).
+        init_method = None if launched else f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return DistEnv(rank, world_size, local_rank, local_world_size, device, backend, created)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.created_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """One seed for torch, numpy and random. Offset by rank: dropout masks must differ between ranks
+    (they see different data), while data order comes from the sampler's own seed, shared by all."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def enable_determinism() -> None:
+    """Bitwise-reproducible kernels where PyTorch has them, an error where it does not."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs a fixed workspace
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def all_reduce_sum(value: float | int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=torch.float64 if device.type == "cpu" else torch.float32,
+                             device=device).clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ----- sharding ----------------------------------------------------------------------------------------
+
+def build_mesh(env: DistEnv, sharding: str, replicate_degree: int = 0):
+    """1-D mesh ("shard",) for full sharding; 2-D ("replicate", "shard") for HSDP, where parameters are
+    sharded inside a group (typically a node, fast links) and replicated across groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if sharding == "full":
+        return init_device_mesh(env.device.type, (env.world_size,), mesh_dim_names=("shard",))
+    replicas = replicate_degree or max(1, env.world_size // env.local_world_size)
+    if env.world_size % replicas:
+        raise ValueError(f"fsdp.replicate_degree={replicas} does not divide world size {env.world_size}")
+    return init_device_mesh(env.device.type, (replicas, env.world_size // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def mixed_precision_policy(setting: str, device: torch.device):
+    """bf16 compute with fp32 gradient reduction on CUDA; fp32 throughout on CPU (CPU bf16 matmuls are
+    slow and the tests compare losses to 1e-5)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    use_bf16 = setting == "bf16" or (setting == "auto" and device.type == "cuda")
+    if use_bf16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32), "bf16"
+    return MixedPrecisionPolicy(), "fp32"
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (LlamaDecoderLayer and friends), also inside a peft wrapper."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
+                activation_checkpointing: bool = False) -> nn.Module:
+    """fully_shard each decoder layer (one all-gather per layer, freed after use), then the root (the
+    embeddings, final norm and lm_head, and tied weights, which must live in one group)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    if activation_checkpointing:
+        # Recompute each layer's activations in backward instead of keeping them: memory for compute.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no *DecoderLayer modules found to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+    return model
+
+
+def load_full_weights_from_rank0(model: nn.Module, full_state_dict: dict | None, device: torch.device,
+                                 cpu_offload: bool = False) -> None:
+    """Allocate this rank's shards and fill them: rank 0 passes the full state dict, the others None."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from recipes_core.models import reset_rotary_buffers
+
+    model.to_empty(device="cpu" if cpu_offload else device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=cpu_offload)
+    set_model_state_dict(model, full_state_dict or {}, options=options)
+    reset_rotary_buffers(model, device)
+
+
+def launch_command(nproc: int, module: str = "recipes_core.finetune", args: list[str] | tuple = (),
+                   master_port: int | None = None) -> list[str]:
+    """The command that runs `module` on nproc local processes under torchrun (nproc=0: one plain
+    process, no torchrun). Used by the tests and benchmarks; users type the torchrun line themselves."""
+    if nproc == 0:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(master_port or _free_port()), "-m", module, *args]

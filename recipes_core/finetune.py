@@ -1,0 +1,336 @@
+"""Full-parameter (or LoRA) fine-tuning with FSDP2: the training loop a reader can hold in their head.
+
+    torchrun --nproc_per_node 2 -m recipes_core.finetune --config cookbook/tiny_full.yaml train.max_steps=20
+    python -m recipes_core.finetune --config cookbook/tiny_full.yaml      # one plain process, same code
+
+One optimizer step, in order:
+  1. take grad_accum_steps micro-batches on every rank (a DistributedSampler gives each rank its slice);
+  2. count the supervised tokens (labels != -100) of the whole step on all ranks: one all_reduce;
+  3. for each micro-batch: loss = sum of token losses / that global count, backward;
+     so every supervised token weighs the same, however the tokens fall into micro-batches and ranks
+     (a mean of per-batch means would weigh a token of a short answer more than one of a long answer);
+  4. clip the gradient norm, AdamW step, learning-rate schedule step (warmup, then cosine or linear decay);
+  5. log; every eval_every steps evaluate (loss, perplexity); every save_every steps checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from recipes_core import IGNORE_INDEX
+from recipes_core import checkpoint as ckpt
+from recipes_core import distributed as D
+from recipes_core.collate import pack_examples, packed_collate, pad_collate
+from recipes_core.config import Config, dump, load_config, to_dict
+from recipes_core.data import load_records
+from recipes_core.lora import add_lora, lora_fields
+from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
+from recipes_core.models import (build_model_from_config, load_full_state_dict, load_model_config,
+                                 resolve_model_source)
+from recipes_core.preprocess import tokenize_records
+from recipes_core.tokens import load_tokenizer
+
+
+# ----- data --------------------------------------------------------------------------------------------
+
+def tokenized(path: str, cfg: Config, tokenizer, limit: int) -> list[dict]:
+    records = load_records(path, cfg.data.format)
+    if limit:
+        records = records.select(range(min(limit, len(records))))
+    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs)
+    examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    if cfg.data.packing:
+        return pack_examples(examples, cfg.data.max_seq_len, tokenizer.pad_token_id)
+    return examples
+
+
+def collate_fn(cfg: Config, pad_token_id: int):
+    return packed_collate if cfg.data.packing else partial(pad_collate, pad_token_id=pad_token_id)
+
+
+def eval_batches(examples: list[dict], cfg: Config, env: D.DistEnv, collate) -> list[dict]:
+    """This rank's eval batches. Every rank must run the same number of forward passes (each one
+    all-gathers parameters), so the shorter shards are topped up with copies whose labels are all -100:
+    they cost a forward pass and count for nothing (DistributedSampler would count duplicates)."""
+    mine = examples[env.rank::env.world_size]
+    per_rank = math.ceil(len(examples) / env.world_size)
+    filler = {"input_ids": examples[0]["input_ids"], "labels": [IGNORE_INDEX] * len(examples[0]["labels"])}
+    if cfg.data.packing:
+        filler["position_ids"] = examples[0]["position_ids"]
+    mine = mine + [filler] * (per_rank - len(mine))
+    size = cfg.train.micro_batch_size
+    batches = [collate(mine[i:i + size]) for i in range(0, len(mine), size)]
+    return batches[:cfg.train.max_eval_batches] if cfg.train.max_eval_batches else batches
+
+
+# ----- loss --------------------------------------------------------------------------------------------
+
+def supervised_tokens(batch: dict) -> int:
+    """Positions the loss counts: labels are shifted by one (token t predicts label t+1)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropy over the supervised tokens of the batch."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:].to(device)
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], env: D.DistEnv) -> dict:
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for batch in batches:
+        loss_sum += token_loss_sum(model, batch, env.device).double().cpu()
+        count += supervised_tokens(batch)
+    model.train()
+    totals = D.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64)]), env.device)
+    loss = float(totals[0] / totals[1])
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(totals[1])}
+
+
+# ----- model, optimizer, schedule ----------------------------------------------------------------------
+
+def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: dict):
+    """Meta-device model on every rank, sharded, then filled from rank 0's full copy."""
+    torch.manual_seed(cfg.train.seed)  # same LoRA init on every rank (rank 0's copy is what counts)
+    model = build_model_from_config(model_config, device="meta")
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+    full_state = None
+    if env.is_main:
+        reference = build_model_from_config(model_config, device="cpu")
+        reference.load_state_dict(load_full_state_dict(hf_dir, cfg.model.trust_remote_code), strict=False)
+        if cfg.lora.enabled:
+            torch.manual_seed(cfg.train.seed)
+            reference = add_lora(reference, cfg.lora)
+        full_state = reference.state_dict()
+    mesh = D.build_mesh(env, cfg.fsdp.sharding, cfg.fsdp.replicate_degree)
+    mp_policy, precision = D.mixed_precision_policy(cfg.fsdp.mixed_precision, env.device)
+    cpu_offload = cfg.fsdp.cpu_offload and env.device.type == "cuda"
+    if cfg.fsdp.cpu_offload and not cpu_offload:
+        print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
+    D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing)
+    D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload)
+    del full_state
+    model.train()
+    return model, precision
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warmup, then decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def count_saved_params(model, lora: bool) -> int:
+    return sum(t.numel() for t in ckpt.model_state(model, lora).values())
+
+
+# ----- the run -----------------------------------------------------------------------------------------
+
+def train(cfg: Config, env: D.DistEnv) -> dict:
+    if cfg.train.deterministic:
+        D.enable_determinism()
+    D.seed_everything(cfg.train.seed, env.rank)
+    out = Path(cfg.checkpoint.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
+        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+
+    resume_dir = None
+    if cfg.checkpoint.resume:
+        resume_dir = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+        if resume_dir is not None and not ckpt.is_complete(resume_dir):
+            raise FileNotFoundError(f"checkpoint.resume={resume_dir}: not a complete checkpoint folder")
+        if resume_dir is None and env.is_main:
+            print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
+
+    # Materialize the model source once (build tiny / convert GGUF), then every rank reads it.
+    source = resolve_model_source(cfg.model.source, cfg.model.path, cfg.model.tiny_variant) if env.is_main else None
+    source = D.broadcast_object(source)
+    hf_dir = source["hf_dir"]
+    tokenizer_dir = cfg.model.tokenizer or hf_dir
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{tokenizer_dir}: the tokenizer has no pad token; set one (e.g. a reserved token)")
+    model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)
+
+    collate = collate_fn(cfg, tokenizer.pad_token_id)
+    train_set = tokenized(cfg.data.train_path, cfg, tokenizer, cfg.data.max_train_examples)
+    eval_set = tokenized(cfg.data.eval_path, cfg, tokenizer, cfg.data.max_eval_examples) if cfg.data.eval_path else []
+    sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=cfg.data.shuffle,
+                                 seed=cfg.train.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=collate,
+                        drop_last=True)
+    evals = eval_batches(eval_set, cfg, env, collate) if eval_set else []
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training examples are fewer than one global batch "
+                         f"({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks)")
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+
+    model, precision = build_sharded_model(cfg, env, hf_dir, model_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_lambda, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.lr_schedule,
+        min_ratio=cfg.train.min_lr_ratio))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in trainable)
+    n_saved = count_saved_params(model, cfg.lora.enabled)
+    train_params = {"config": to_dict(cfg), "model_source": source, "model_config": model_config,
+                    "tokenizer": str(Path(tokenizer_dir).resolve()) if Path(tokenizer_dir).exists() else tokenizer_dir,
+                    "step": 0, "save_optimizer": cfg.checkpoint.save_optimizer, "lora": lora_fields(cfg.lora),
+                    "world_size": env.world_size, "param_dtype": "fp32",
+                    "param_counts": {"total": n_params, "trainable": n_trainable, "saved": n_saved}}
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "supervised_tokens_seen": 0}
+    if resume_dir is not None:
+        restored = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, state, lora=cfg.lora.enabled)
+        if restored is None:
+            message = (f"{resume_dir} is a model-only checkpoint (save_optimizer=false): the weights are "
+                       "restored but the optimizer starts cold (no AdamW moments) at step 0 of a new schedule")
+            warnings.warn(message)
+            if env.is_main:
+                print(f"WARNING: {message}", file=sys.stderr)
+        else:
+            state.update({k: int(v) for k, v in restored.items()})
+            if env.is_main:
+                print(f"resumed from {resume_dir} at step {state['step']}")
+
+    peak, peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
+    logger = MetricsLogger(out / "metrics.jsonl", env.is_main, cfg.log.tensorboard, append=resume_dir is not None)
+    logger.log({"kind": "start", "step": state["step"], "world_size": env.world_size, "n_params": n_params,
+                "n_trainable": n_trainable, "precision": precision, "peak_flops_per_rank": peak,
+                "peak_flops_source": peak_source, "total_steps": total_steps})
+    progress = None
+    if env.is_main and cfg.log.progress_bar:
+        from tqdm import tqdm
+        progress = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+
+    def save():
+        train_params["step"] = state["step"]
+        path = ckpt.save_checkpoint(out, state["step"], model, optimizer, scheduler, state, train_params,
+                                    cfg.checkpoint.save_optimizer, cfg.checkpoint.keep_last_n, cfg.lora.enabled)
+        last_saved[0] = state["step"]
+        return path
+
+    last_saved, last_eval, losses, eval_results = [-1], [-1], [], []
+    stop_at = min(total_steps, cfg.train.stop_after_steps or total_steps)
+    batches = None
+    while state["step"] < stop_at:
+        if batches is None:  # a new epoch (or the resumed one): same order on every run for this epoch
+            sampler.set_epoch(state["epoch"])
+            batches = islice(iter(loader), state["batch_in_epoch"], None)
+        micro_batches = list(islice(batches, accum))
+        if len(micro_batches) < accum:  # epoch exhausted
+            state["epoch"] += 1
+            state["batch_in_epoch"], batches = 0, None
+            continue
+        start = time.perf_counter()
+        global_supervised = D.all_reduce_sum(sum(supervised_tokens(b) for b in micro_batches), env.device)
+        if global_supervised.item() == 0:
+            raise ValueError(f"step {state['step'] + 1}: no supervised token in the global batch; check the masks")
+        local_loss = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(micro_batches):
+            model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last one
+            loss_sum = token_loss_sum(model, batch, env.device)
+            # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
+            (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
+            local_loss += loss_sum.detach().double().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        state["batch_in_epoch"] += accum
+
+        tokens = sum(b["input_ids"].numel() for b in micro_batches)
+        totals = D.all_reduce_sum(torch.stack([local_loss, torch.tensor(float(tokens), dtype=torch.float64)]),
+                                  env.device)
+        elapsed = time.perf_counter() - start
+        loss = float(totals[0] / global_supervised.double())
+        all_tokens, supervised = int(totals[1]), int(global_supervised)
+        state["tokens_seen"] += all_tokens
+        state["supervised_tokens_seen"] += supervised
+        losses.append(loss)
+        if state["step"] % cfg.log.log_every == 0 or state["step"] == stop_at:
+            seq_len = micro_batches[0]["input_ids"].shape[1]
+            achieved = flops_per_token(model_config, n_params, n_trainable, seq_len) * all_tokens / elapsed
+            memory = [None] * env.world_size
+            dist.all_gather_object(memory, peak_memory_bytes(env.device))
+            logger.log({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr,
+                        "grad_norm": float(grad_norm), "tokens": all_tokens, "supervised_tokens": supervised,
+                        "tokens_per_s": all_tokens / elapsed, "supervised_tokens_per_s": supervised / elapsed,
+                        "mfu": achieved / (peak * env.world_size), "step_time_s": elapsed,
+                        "peak_memory_bytes_per_rank": memory})
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if evals and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
+            eval_results.append({"step": state["step"], **evaluate(model, evals, env)})
+            last_eval[0] = state["step"]
+            logger.log({"kind": "eval", **eval_results[-1]})
+        if cfg.checkpoint.save_every and state["step"] % cfg.checkpoint.save_every == 0:
+            save()
+
+    if evals and last_eval[0] != state["step"]:
+        eval_results.append({"step": state["step"], **evaluate(model, evals, env)})
+        logger.log({"kind": "eval", **eval_results[-1]})
+    if (cfg.checkpoint.save_final or stop_at < total_steps) and last_saved[0] != state["step"]:
+        save()
+    if progress is not None:
+        progress.close()
+    summary = {"kind": "summary", "step": state["step"], "losses": losses, "evals": eval_results,
+               "n_params": n_params, "n_trainable": n_trainable}
+    logger.log(summary)
+    logger.close()
+    return summary
+
+
+def run(cfg: Config) -> dict:
+    env = D.setup(cfg.fsdp.backend)
+    try:
+        return train(cfg, env)
+    finally:
+        D.teardown(env)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m recipes_core.finetune", description=__doc__.splitlines()[0],
+                                     epilog="overrides: section.key=value, e.g. train.lr=1e-4 checkpoint.resume=auto")
+    parser.add_argument("--config", help="a YAML recipe, e.g. cookbook/tiny_full.yaml")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    run(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The FSDP training loop under real torchrun processes: losses fall, checkpoints, exact resume, one rank
+against two, gradient accumulation, checkpoint sizes.
+
+The runs are shared between assertions (module-scoped fixtures) to keep the suite fast on two cores:
+  straight   2 ranks, 12 steps, checkpoints at 6 and 12 (with optimizer)
+  stopped    2 ranks, same schedule, stops after 6 steps (stop_after_steps) and checkpoints
+  resumed    2 ranks, resume=auto from `stopped`, runs steps 7..12
+  one_rank   1 plain process, micro-batch 4 (= 2 ranks x 2), model-only checkpoint
+  accum      1 plain process, 2 micro-batches of 2 per step
+The model is the tiny Llama built a bit wider (hidden 256) so that each tensor is large next to the
+~1.5 KB that DCP's torch.save framing adds per tensor; real models make that overhead negligible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipes_core.checkpoint import find_latest, is_complete, load_train_params, measured_sizes, size_report
+from recipes_core.distributed import launch_command
+from recipes_core.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, HALF = 12, 6
+
+# Chat data: supervised lengths differ between examples (2 to 4 tokens here), sequence lengths 25-84,
+# so a mean of per-batch means would not equal the per-token mean and the equality tests can fail.
+COMMON = ["data.format=chat", "data.train_path=cookbook/data/chat_train.jsonl",
+          "data.eval_path=cookbook/data/chat_eval.jsonl", "data.max_seq_len=96", "data.max_train_examples=64",
+          "data.max_eval_examples=16",
+          "train.lr=2e-3", "train.warmup_steps=2", "train.lr_schedule=cosine", f"train.max_steps={STEPS}",
+          "train.max_grad_norm=1.0", "log.progress_bar=false", "train.seed=7"]
+
+
+def launch(nproc: int, out: Path, overrides: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run recipes_core.finetune on nproc ranks (0 = one plain process); fail with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    args = ["--config", str(REPO / "cookbook" / "tiny_full.yaml"), *overrides, f"checkpoint.output_dir={out}"]
+    start = time.perf_counter()
+    proc = subprocess.run(launch_command(nproc, args=args), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    print(f"{nproc} ranks, {time.perf_counter() - start:.1f} s: {' '.join(overrides)}")
+    if proc.returncode != 0:
+        pytest.fail(f"finetune failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_in_process(out: Path, overrides: list[str]) -> dict:
+    """One rank in this process: the same FSDP code path as a plain `python -m recipes_core.finetune`,
+    without paying the imports again. One thread, like the OMP_NUM_THREADS=1 subprocesses."""
+    import torch
+
+    from recipes_core.config import load_config
+    from recipes_core.finetune import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = load_config(REPO / "cookbook" / "tiny_full.yaml", [*overrides, f"checkpoint.output_dir={out}"])
+        return run(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl", "train")}
+
+
+@pytest.fixture(scope="module")
+def wide_tiny(tmp_path_factory) -> Path:
+    from recipes_core.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("wide_tiny"), hidden_size=256, intermediate_size=704)["instruct"]
+
+
+@pytest.fixture(scope="module")
+def runs(wide_tiny, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("finetune")
+    model = ["model.source=hf", f"model.path={wide_tiny}"]
+    two_rank = COMMON + model + ["train.micro_batch_size=2", "train.grad_accum_steps=1"]
+    paths = {name: root / name for name in ("straight", "stopped", "one_rank", "accum")}
+    launch(2, paths["straight"], two_rank + ["checkpoint.save_every=6", "train.eval_every=6"])
+    launch(2, paths["stopped"], two_rank + [f"train.stop_after_steps={HALF}"])
+    paths["resumed"] = paths["stopped"]  # resume=auto continues in the same output folder
+    proc = launch(2, paths["stopped"], two_rank + ["checkpoint.resume=auto"])
+    assert f"resumed from {paths['stopped'] / f'step_{HALF}'} at step {HALF}" in proc.stdout
+    single = COMMON + model + ["checkpoint.save_optimizer=false"]
+    launch(0, paths["one_rank"], single + ["train.micro_batch_size=4", "train.grad_accum_steps=1"])
+    run_in_process(paths["accum"], single + ["train.micro_batch_size=2", "train.grad_accum_steps=2"])
+    return paths
+
+
+@pytest.mark.slow
+def test_two_ranks_training_and_eval_loss_fall(runs):
+    train = losses(runs["straight"])
+    assert sorted(train) == list(range(1, STEPS + 1))
+    first, last = sum(train[s] for s in (1, 2, 3)) / 3, sum(train[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.5, train
+    evals = read_metrics(runs["straight"] / "metrics.jsonl", "eval")
+    assert [e["step"] for e in evals] == [HALF, STEPS]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert all(abs(e["eval_perplexity"] - 2.718281828 ** e["eval_loss"]) < 1e-6 * e["eval_perplexity"] for e in evals)
+    record = read_metrics(runs["straight"] / "metrics.jsonl", "train")[-1]
+    for key in ("lr", "grad_norm", "tokens_per_s", "supervised_tokens_per_s", "mfu"):
+        assert record[key] > 0, key
+    assert len(record["peak_memory_bytes_per_rank"]) == 2 and min(record["peak_memory_bytes_per_rank"]) > 0
+    assert 0 < record["mfu"] < 1
+
+
+@pytest.mark.slow
+def test_checkpoint_folders_follow_the_contract(runs):
+    out = runs["straight"]
+    assert (out / "latest").read_text().strip() == f"step_{STEPS}"
+    assert find_latest(out) == out / f"step_{STEPS}"
+    assert not list(out.glob(".tmp_step_*")), "temporary folders must be renamed when complete"
+    for step in (HALF, STEPS):
+        folder = out / f"step_{step}"
+        names = {p.name for p in folder.iterdir()}
+        assert ".metadata" in names and "train_params.yaml" in names
+        assert {"__0_0.distcp", "__1_0.distcp"} <= names, names
+        assert {"rng_rank0.pt", "rng_rank1.pt"} <= names
+        assert is_complete(folder)
+        params = load_train_params(folder)
+        for key in ("config", "model_source", "model_config", "tokenizer", "step", "save_optimizer", "lora",
+                    "world_size", "param_dtype"):
+            assert key in params, key
+        assert params["step"] == step and params["world_size"] == 2 and params["save_optimizer"] is True
+        assert params["model_source"]["kind"] == "hf" and params["lora"] is None
+        assert (Path(params["tokenizer"]) / "tokenizer.json").exists()
+        keys = set(measured_sizes(folder)) - {"files_on_disk"}
+        assert keys == {"model", "optim", "scheduler", "trainer"}
+    # The model keys are the plain Hugging Face names, each saved once.
+    from recipes_core.checkpoint import _read_metadata
+
+    fqns = [k for k in _read_metadata(out / f"step_{STEPS}").state_dict_metadata if k.startswith("model.")]
+    assert "model.model.layers.0.self_attn.q_proj.weight" in fqns and "model.lm_head.weight" in fqns
+    assert not [k for k in fqns if "_fsdp" in k or "_orig_mod" in k]
+    # Model-only checkpoints: no optimizer, scheduler, trainer state or RNG files.
+    only = find_latest(runs["one_rank"])
+    assert set(measured_sizes(only)) - {"files_on_disk"} == {"model"}
+    assert not list(only.glob("rng_rank*.pt"))
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(runs):
+    straight, resumed = losses(runs["straight"]), losses(runs["resumed"])
+    assert sorted(resumed) == list(range(1, STEPS + 1))  # steps 1-6, then 7-12 appended after the resume
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+
+@pytest.mark.slow
+def test_one_rank_equals_two_ranks_with_the_same_global_batch(runs):
+    one, two = losses(runs["one_rank"]), losses(runs["straight"])
+    diffs = [abs(one[s] - two[s]) for s in range(1, STEPS + 1)]
+    print("max |1 rank - 2 ranks| loss difference:", max(diffs))
+    assert max(diffs) < 1e-4
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_a_double_batch(runs):
+    double, accum = losses(runs["one_rank"]), losses(runs["accum"])
+    diffs = [abs(double[s] - accum[s]) for s in range(1, STEPS + 1)]
+    print("max |accum 2x2 - batch 4| loss difference:", max(diffs))
+    assert max(diffs) < 1e-5
+
+
+
+def test_chat_examples_have_different_supervised_lengths(wide_tiny):
+    """What makes the accumulation test able to fail: with equal lengths a mean of means is right too."""
+    from recipes_core.data import load_records
+    from recipes_core.finetune import supervised_tokens
+    from recipes_core.collate import pad_collate
+    from recipes_core.preprocess import tokenize_records
+    from recipes_core.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(wide_tiny)
+    records = load_records(REPO / "cookbook" / "data" / "chat_train.jsonl", "chat").select(range(32))
+    examples = tokenize_records(records, "chat", tokenizer, 96)
+    counts = {supervised_tokens(pad_collate([e], tokenizer.pad_token_id)) for e in examples}
+    assert len(counts) > 1, counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, per_param", [("one_rank", 4.0), ("straight", 12.0)])
+def test_checkpoint_sizes_match_the_prediction(runs, run, per_param):
+    report = size_report(find_latest(runs[run]))
+    print(json.dumps(report, indent=1))
+    assert abs(report["ratio_total"] - 1) < 0.02, report
+    assert abs(report["bytes_per_param"] - per_param) < 0.02 * per_param, report
+    cli = subprocess.run([sys.executable, "-m", "recipes_core.checkpoint", "size", str(runs[run])], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    assert "bytes/param on disk" in cli.stdout
+
+
+@pytest.mark.slow
+def test_model_only_resume_warns_that_the_optimizer_starts_cold(runs, tmp_path):
+    out = tmp_path / "cold"
+    ckpt = find_latest(runs["one_rank"])
+    with pytest.warns(UserWarning, match="optimizer starts cold"):
+        run_in_process(out, COMMON + ["model.source=hf", f"model.path={load_train_params(ckpt)['model_source']['path']}",
+                                      "train.max_steps=1", "train.micro_batch_size=2", "checkpoint.save_final=false",
+                                      f"checkpoint.resume={ckpt}", "data.eval_path="])
+    first = losses(out)[1]
+    # The weights were restored: the first loss is the trained model's, far below the initial one.
+    assert first < losses(runs["one_rank"])[1] - 0.5, first
+
+
+def test_resolved_config_is_saved(runs):
+    saved = yaml.safe_load((runs["straight"] / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == STEPS and saved["data"]["format"] == "chat"
