@@ -43,13 +43,14 @@ def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32):
     return model.to(dtype).eval(), tokenizer
 
 
-def render_prompts(tokenizer, prompts: list[str], mode: str = "chat", system: str | None = None) -> list[str]:
-    """The exact text the model sees: chat messages through the chat template (with the assistant
-    header that asks for an answer), or the prompt as is."""
+def render_prompts(tokenizer, prompts: list, mode: str = "chat", system: str | None = None) -> list[str]:
+    """The exact text the model sees. Chat: each prompt (a user message, or a list of messages ending
+    with a user turn) through the chat template, with the assistant header that asks for an answer.
+    Completion: the prompt text as is."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {MODES}")
     if mode == "completion":
-        return list(prompts)
+        return [prompt if isinstance(prompt, str) else prompt[-1]["content"] for prompt in prompts]
     if not getattr(tokenizer, "chat_template", None):
         raise NoChatTemplateError(
             f"the tokenizer ({tokenizer.name_or_path}) has no chat template, so a chat request cannot be "
@@ -58,7 +59,9 @@ def render_prompts(tokenizer, prompts: list[str], mode: str = "chat", system: st
             "(e.g. the Alpaca prompt), or load the instruct model / the tokenizer that has the template.")
     rendered = []
     for prompt in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
         rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return rendered
 
@@ -79,11 +82,11 @@ def generation_settings(model, tokenizer, max_new_tokens: int, do_sample: bool, 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], mode: str = "chat", max_new_tokens: int = 64,
+def generate(model, tokenizer, prompts: list, mode: str = "chat", max_new_tokens: int = 64,
              batch_size: int = 8, do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
              system: str | None = None, stream: bool = False, seed: int | None = None) -> list[str]:
-    """One answer per prompt: the decoded new tokens only, special tokens skipped.
-    stream=True prints tokens as they come (batch size 1)."""
+    """One answer per prompt (a string, or in chat mode a list of messages): the decoded new tokens
+    only, special tokens skipped. stream=True prints tokens as they come (batch size 1)."""
     texts = render_prompts(tokenizer, prompts, mode, system)
     settings = generation_settings(model, tokenizer, max_new_tokens, do_sample, temperature, top_p)
     if seed is not None:

@@ -1,12 +1,23 @@
-"""The quickstart: build the tiny models and data, then show one example with its label mask.
+"""The quickstart: the whole pipeline on the tiny model, on CPU, in a few minutes.
 
-    python -m recipes_core.quickstart [--out runs/quickstart]
+    python -m recipes_core.quickstart [--out runs/quickstart] [--steps 100] [--eval-prompts 100]
+
+1. generate the datasets and build the tiny base/instruct models
+2. score the held-out chat prompts with the instruct model as built (greedy exact match)
+3. fine-tune it on two ranks with FSDP (torchrun -m recipes_core.finetune, cookbook/quickstart.yaml)
+4. convert the sharded checkpoint to a Hugging Face folder and verify its logits
+5. score the held-out prompts again with the converted folder; print both accuracies and the paths
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,28 +25,116 @@ sys.path.insert(0, str(REPO / "cookbook"))
 
 from make_datasets import write_all  # noqa: E402
 
+from recipes_core.convert import convert  # noqa: E402
 from recipes_core.data import load_records  # noqa: E402
-from recipes_core.preprocess import explain_labels, tokenize_alpaca  # noqa: E402
+from recipes_core.infer import generate, load_for_inference  # noqa: E402
 from recipes_core.tiny import build_tiny  # noqa: E402
-from recipes_core.tokens import load_tokenizer  # noqa: E402
+
+CONFIG = REPO / "cookbook" / "quickstart.yaml"
+
+
+def held_out(data_dir: Path, n: int) -> tuple[list[list[dict]], list[str]]:
+    """(conversations up to their last user turn, the expected last answer) from chat_eval.jsonl."""
+    prompts, answers = [], []
+    for record in list(load_records(data_dir / "chat_eval.jsonl", "chat"))[:n]:
+        messages = record["messages"]
+        prompts.append(messages[:-1])
+        answers.append(messages[-1]["content"])
+    return prompts, answers
+
+
+def score(model_dir: Path, prompts: list, expected: list[str]) -> tuple[float, list[str]]:
+    """Greedy exact-match accuracy through the chat template, and the answers."""
+    model, tokenizer = load_for_inference(model_dir)
+    answers = generate(model, tokenizer, prompts, mode="chat", max_new_tokens=8, batch_size=50)
+    correct = sum(a.strip().lower() == e.strip().lower() for a, e in zip(answers, expected))
+    return correct / len(expected), answers
+
+
+def finetune(model_dir: Path, output_dir: Path, steps: int, nproc: int, log_path: Path) -> None:
+    """torchrun the trainer; print a progress line from its metrics file every few steps."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + os.getpid() % 1000), "-m", "recipes_core.finetune", "--config", str(CONFIG),
+               "model.source=hf", f"model.path={model_dir}", f"checkpoint.output_dir={output_dir}",
+               f"train.max_steps={steps}"]
+    metrics = output_dir / "metrics.jsonl"
+    seen = 0
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        running = True
+        while running:
+            running = process.poll() is None
+            time.sleep(1 if running else 0)
+            records = _complete_records(metrics)[seen:]
+            seen += len(records)
+            for record in records:
+                if record.get("kind") == "train" and (record["step"] % 10 == 0 or record["step"] == steps):
+                    print(f"      step {record['step']:>4}/{steps}  loss {record['loss']:.3f}", flush=True)
+    if process.returncode != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"fine-tuning failed (exit {process.returncode}); log {log_path}:\n{tail}")
+
+
+def _complete_records(path: Path) -> list[dict]:
+    """The JSON lines written so far (a line still being written is left for the next look)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, nproc: int = 2) -> dict:
+    """The pipeline; returns (and writes to out/summary.json) the accuracies, times and paths."""
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    print("[1/5] generating the datasets and building the tiny models ...", flush=True)
+    write_all(data_dir)
+    instruct = build_tiny(out / "models", data_dir)["instruct"]
+    prompts, expected = held_out(data_dir, eval_prompts)
+
+    print(f"[2/5] scoring {len(prompts)} held-out chat prompts before fine-tuning ...", flush=True)
+    before, _ = score(instruct, prompts, expected)
+    print(f"      accuracy before: {before:.1%}", flush=True)
+
+    print(f"[3/5] fine-tuning on {nproc} ranks with FSDP for {steps} steps ...", flush=True)
+    checkpoints, hf_dir = out / "checkpoints", out / "hf"
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    finetune(instruct, checkpoints, steps, nproc, out / "finetune.log")
+
+    print("[4/5] converting the sharded checkpoint to a Hugging Face folder and verifying it ...", flush=True)
+    result = convert(checkpoints, hf_dir, verify=True, overwrite=True)
+    print(f"      {result.checkpoint.name} -> {hf_dir}: max |logits difference| {result.max_abs_diff:.2g}", flush=True)
+
+    print(f"[5/5] scoring the held-out prompts with {hf_dir} ...", flush=True)
+    after, answers = score(hf_dir, prompts, expected)
+    with open(out / "answers.jsonl", "w") as f:
+        for messages, answer, gold in zip(prompts, answers, expected):
+            f.write(json.dumps({"prompt": messages[-1]["content"], "answer": answer, "expected": gold}) + "\n")
+    summary = {"accuracy_before": before, "accuracy_after": after, "eval_prompts": len(prompts), "steps": steps,
+               "verify_max_abs_diff": result.max_abs_diff, "wall_s": round(time.perf_counter() - started, 1),
+               "models": str(out / "models"), "checkpoint": str(result.checkpoint), "hf": str(hf_dir),
+               "answers": str(out / "answers.jsonl"), "finetune_log": str(out / "finetune.log"),
+               "metrics": str(checkpoints / "metrics.jsonl")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
     parser.add_argument("--data", default=str(REPO / "cookbook" / "data"))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    print("[1/3] generating datasets ...")
-    write_all(args.data)
-    print("[2/3] building the tiny base and instruct models ...")
-    paths = build_tiny(out / "models", args.data)
-    tokenizer = load_tokenizer(paths["instruct"])
-    record = load_records(Path(args.data) / "alpaca_train.jsonl", "alpaca")[0]
-    example = tokenize_alpaca(record, tokenizer)
-    print("[3/3] one Alpaca example, token by token (only the answer and its end token are learned):")
-    print(explain_labels(example, tokenizer))
-    print(f"\ndata: {args.data}\nmodels: {paths['base']} and {paths['instruct']}")
+    summary = run(Path(args.out), Path(args.data), args.steps, args.eval_prompts, args.nproc)
+    print(f"\nheld-out exact match: {summary['accuracy_before']:.1%} before -> {summary['accuracy_after']:.1%} "
+          f"after fine-tuning ({summary['eval_prompts']} prompts), in {summary['wall_s']:.0f} s")
+    for key in ("models", "checkpoint", "hf", "answers", "finetune_log", "metrics"):
+        print(f"  {key:<13}{summary[key]}")
+    print(f"\nnext: python -m recipes_core.infer {summary['hf']} --prompt \"Give the first item of the list.\\n"
+          "mango, bridge, wolf\"")
+    print(f"      python -m recipes_core.doctor model {summary['hf']}")
 
 
 if __name__ == "__main__":

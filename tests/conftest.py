@@ -45,3 +45,36 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
+
+
+def write_checkpoint(model, out_dir: Path, tokenizer_dir: Path, step: int = 1, optimizer=None,
+                     lora_fields: dict | None = None, model_source: dict | None = None) -> Path:
+    """A checkpoint in recipes_core.finetune's format, saved by one process (no process group):
+    <out_dir>/step_<step>/{.metadata, __0_0.distcp, train_params.yaml} and <out_dir>/latest."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    ckpt = Path(out_dir) / f"step_{step}"
+    if lora_fields:
+        from peft import get_peft_model_state_dict
+
+        state = {"model": dict(get_peft_model_state_dict(model))}
+        model_config = model.base_model.model.config.to_dict()
+    else:
+        state = {"model": model.state_dict()}
+        model_config = model.config.to_dict()
+    if optimizer is not None:
+        state.update(optim=optimizer.state_dict(), scheduler={"last_epoch": step},
+                     trainer={"step": step, "epoch": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(ckpt))
+    source = model_source or {"kind": "hf", "path": str(tokenizer_dir), "hf_dir": str(tokenizer_dir)}
+    params = {"config": {}, "model_source": source, "model_config": model_config, "tokenizer": str(tokenizer_dir),
+              "step": step, "save_optimizer": optimizer is not None, "lora": lora_fields, "world_size": 1,
+              "param_dtype": "fp32"}
+    (ckpt / "train_params.yaml").write_text(yaml.safe_dump(params))
+    (Path(out_dir) / "latest").write_text(ckpt.name)
+    return ckpt

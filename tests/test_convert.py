@@ -1,0 +1,148 @@
+"""Checkpoint -> Hugging Face folder: round trips for several model shapes, optimizer state in the
+checkpoint, bf16 sharded output, LoRA merge and adapter, and refusal of incomplete checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_checkpoint
+from transformers import AutoModelForCausalLM
+
+from recipes_core.convert import CheckpointError, convert, verify_conversion
+from recipes_core.tiny import tiny_llama_config
+
+
+def _same_weights(converted, original) -> None:
+    expected = original.state_dict()
+    actual = converted.state_dict()
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor.to(actual[name].dtype)), name
+
+
+def test_round_trip_grouped_query_attention(tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"])).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
+    write_checkpoint(model, tmp_path / "run", tiny_models["instruct"], step=7)
+
+    result = convert(tmp_path / "run", tmp_path / "hf", verify=True)  # the run folder: `latest` names step_7
+    assert result.step == 7 and result.max_abs_diff <= 1e-5
+    converted = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    _same_weights(converted, model)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    eot, end_of_text = 944, 941  # <|eot_id|>, <|end_of_text|> in the tiny vocabulary
+    assert {eot, end_of_text} <= set(generation["eos_token_id"])
+    assert tokenizer_config["eos_token"] == "<|eot_id|>"
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text().startswith("{{ bos_token }}")
+
+
+def test_round_trip_tied_embeddings(tiny_models, instruct_tokenizer, tmp_path):
+    config = tiny_llama_config(len(instruct_tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    write_checkpoint(model, tmp_path / "run", tiny_models["instruct"])
+
+    result = convert(tmp_path / "run" / "step_1", tmp_path / "hf", verify=True)
+    assert result.max_abs_diff <= 1e-5
+    converted = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert converted.lm_head.weight.data_ptr() == converted.model.embed_tokens.weight.data_ptr()
+    _same_weights(converted, model)
+
+
+def test_round_trip_checkpoint_with_optimizer_state(tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.arange(2, 40).unsqueeze(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    write_checkpoint(model.eval(), tmp_path / "run", tiny_models["instruct"], step=1, optimizer=optimizer)
+
+    result = convert(tmp_path / "run", tmp_path / "hf", verify=True)
+    assert result.max_abs_diff <= 1e-5
+    _same_weights(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")), model)
+
+
+def test_bf16_output_is_sharded_with_an_index(tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"])).eval()
+    write_checkpoint(model, tmp_path / "run", tiny_models["instruct"])
+
+    result = convert(tmp_path / "run", tmp_path / "hf", dtype="bf16", max_shard_size="300KB", verify=True)
+    assert result.max_abs_diff <= 1e-5  # against the checkpoint's weights rounded to bf16
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / "hf" / shard).is_file() for shard in shards)
+    converted = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert converted.dtype == torch.bfloat16
+    _same_weights(converted, model)
+
+
+def _lora_model(tiny_models, fields):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"]))
+    model = get_peft_model(base, LoraConfig(**fields))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero; a trained adapter is not
+                parameter.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_lora_merge_and_adapter(tiny_models, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    fields = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+              "task_type": "CAUSAL_LM"}
+    model = _lora_model(tiny_models, fields)
+    ckpt = write_checkpoint(model, tmp_path / "run", tiny_models["instruct"], lora_fields=fields)
+    ids = torch.arange(3, 30).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    convert(ckpt, tmp_path / "merged")
+    assert verify_conversion(tmp_path / "merged", ckpt) <= 1e-5  # against a fresh rebuild, unmerged
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in name for name in merged.state_dict())
+
+    convert(ckpt, tmp_path / "adapter", lora="adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    adapter = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        for loaded in (merged, adapter):
+            assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_incomplete_checkpoints_are_refused(tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"])).eval()
+    ckpt = write_checkpoint(model, tmp_path / "run", tiny_models["instruct"])
+    shard = next(ckpt.glob("__*_*.distcp"))
+    shard.rename(shard.with_suffix(".moved"))
+    with pytest.raises(CheckpointError, match=shard.name):
+        convert(ckpt, tmp_path / "hf")
+    shard.with_suffix(".moved").rename(shard)
+
+    (ckpt / ".metadata").rename(ckpt / "metadata.moved")
+    cli = subprocess.run([sys.executable, "-m", "recipes_core.convert", str(ckpt), str(tmp_path / "hf")],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and ".metadata is missing" in cli.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no half-written folder
+
+
+def test_existing_output_is_kept_unless_overwrite(tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"])).eval()
+    write_checkpoint(model, tmp_path / "run", tiny_models["instruct"])
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError):
+        convert(tmp_path / "run", tmp_path / "hf")
+    assert (tmp_path / "hf" / "mine.txt").is_file()
+    convert(tmp_path / "run", tmp_path / "hf", overwrite=True)
+    assert not (tmp_path / "hf" / "mine.txt").exists() and (tmp_path / "hf" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
