@@ -51,11 +51,12 @@ def score(model_dir: Path, prompts: list, expected: list[str]) -> tuple[float, l
     return correct / len(expected), answers
 
 
-def finetune(model_dir: Path, output_dir: Path, steps: int, nproc: int, log_path: Path) -> None:
+def finetune(model_dir: Path, data_dir: Path, output_dir: Path, steps: int, nproc: int, log_path: Path) -> None:
     """torchrun the trainer; print a progress line from its metrics file every few steps."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(29500 + os.getpid() % 1000), "-m", "recipes_core.finetune", "--config", str(CONFIG),
                "model.source=hf", f"model.path={model_dir}", f"checkpoint.output_dir={output_dir}",
+               f"data.train_path={data_dir / 'chat_train.jsonl'}", f"data.eval_path={data_dir / 'chat_eval.jsonl'}",
                f"train.max_steps={steps}"]
     metrics = output_dir / "metrics.jsonl"
     seen = 0
@@ -86,6 +87,7 @@ def _complete_records(path: Path) -> list[dict]:
 def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, nproc: int = 2) -> dict:
     """The pipeline; returns (and writes to out/summary.json) the accuracies, times and paths."""
     started = time.perf_counter()
+    out, data_dir = out.resolve(), data_dir.resolve()  # the trainer runs from the repository root
     out.mkdir(parents=True, exist_ok=True)
     print("[1/5] generating the datasets and building the tiny models ...", flush=True)
     write_all(data_dir)
@@ -99,7 +101,7 @@ def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, np
     print(f"[3/5] fine-tuning on {nproc} ranks with FSDP for {steps} steps ...", flush=True)
     checkpoints, hf_dir = out / "checkpoints", out / "hf"
     shutil.rmtree(checkpoints, ignore_errors=True)
-    finetune(instruct, checkpoints, steps, nproc, out / "finetune.log")
+    finetune(instruct, data_dir, checkpoints, steps, nproc, out / "finetune.log")
 
     print("[4/5] converting the sharded checkpoint to a Hugging Face folder and verifying it ...", flush=True)
     result = convert(checkpoints, hf_dir, verify=True, overwrite=True)

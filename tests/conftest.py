@@ -47,6 +47,19 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(SMOLLM2_GGUF.parent), gguf_file=SMOLLM2_GGUF.name)
 
 
+QUICKSTART_TEST_STEPS = 60  # fewer than `make quickstart`'s 100; still well above the untrained accuracy
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> dict:
+    """One real quickstart run (torchrun FSDP fine-tune on 2 ranks, convert, verify, score), shared by
+    the quickstart, conversion, inference, echo and doctor tests. Returns its summary.json."""
+    from recipes_core.quickstart import run
+
+    out = tmp_path_factory.mktemp("quickstart")
+    return run(out / "run", out / "data", steps=QUICKSTART_TEST_STEPS, eval_prompts=100)
+
+
 def write_checkpoint(model, out_dir: Path, tokenizer_dir: Path, step: int = 1, optimizer=None,
                      lora_fields: dict | None = None, model_source: dict | None = None) -> Path:
     """A checkpoint in recipes_core.finetune's format, saved by one process (no process group):

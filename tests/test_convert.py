@@ -4,8 +4,6 @@ checkpoint, bf16 sharded output, LoRA merge and adapter, and refusal of incomple
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from conftest import write_checkpoint
 from transformers import AutoModelForCausalLM
 
 from recipes_core.convert import CheckpointError, convert, verify_conversion
+from recipes_core.convert import main as convert_main
 from recipes_core.tiny import tiny_llama_config
 
 
@@ -119,7 +118,7 @@ def test_lora_merge_and_adapter(tiny_models, tmp_path):
             assert (loaded(input_ids=ids).logits - expected).abs().max() <= 1e-5
 
 
-def test_incomplete_checkpoints_are_refused(tiny_models, tmp_path):
+def test_incomplete_checkpoints_are_refused(tiny_models, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"])).eval()
     ckpt = write_checkpoint(model, tmp_path / "run", tiny_models["instruct"])
     shard = next(ckpt.glob("__*_*.distcp"))
@@ -129,9 +128,8 @@ def test_incomplete_checkpoints_are_refused(tiny_models, tmp_path):
     shard.with_suffix(".moved").rename(shard)
 
     (ckpt / ".metadata").rename(ckpt / "metadata.moved")
-    cli = subprocess.run([sys.executable, "-m", "recipes_core.convert", str(ckpt), str(tmp_path / "hf")],
-                         capture_output=True, text=True)
-    assert cli.returncode == 1 and ".metadata is missing" in cli.stderr
+    assert convert_main([str(ckpt), str(tmp_path / "hf")]) == 1
+    assert ".metadata is missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no half-written folder
 
 
