@@ -1,0 +1,88 @@
+"""Run every benchmark, one after the other, and rebuild benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/run_all.py [--smoke] [--only train_compare,packing,...]   (make bench)
+
+Each benchmark runs in its own process (its own thread settings, no state shared between them). The
+conversion benchmark is the conversion engineer's benchmarks/convert_memory.py; its output is
+recorded as section 4 (parsed when it prints `metric: ratio` lines, otherwise kept as text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common as C  # noqa: E402
+
+SCRIPTS = ["train_compare", "packing", "mfu", "convert", "inference", "memory_scaling"]
+
+
+def run_convert(smoke: bool) -> None:
+    """benchmarks/convert_memory.py belongs to the conversion engineer: run it and record what it says,
+    unless it already wrote results/convert.json itself (through benchmarks.common.save_result)."""
+    script = C.BENCH / "convert_memory.py"
+    if not script.exists():
+        print("convert: benchmarks/convert_memory.py does not exist yet; section 4 skipped", flush=True)
+        return
+    result_file = (C.RESULTS_DIR / ("smoke" if smoke else "")) / "convert.json"
+    before = result_file.stat().st_mtime if result_file.exists() else None
+    cmd = [sys.executable, str(script)] + (["--smoke"] if smoke else [])
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=C.ROOT, env=C.offline_env(C.TOTAL_THREADS), capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    output = proc.stdout + proc.stderr
+    if result_file.exists() and result_file.stat().st_mtime != before and proc.returncode == 0:
+        return  # it recorded itself
+    ratios = []
+    for line in proc.stdout.splitlines():  # e.g. "peak memory ours / naive: 0.41x" or JSON rows
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for key, value in row.items():
+                if "ratio" in key and isinstance(value, (int, float)):
+                    ratios.append(C.ratio(key, float(value)))
+            continue
+        match = re.search(r"^(.*?ratio.*?|.*?/.*?)[:=]\s*([0-9.]+)x?\b", line)
+        if match:
+            ratios.append(C.ratio(match.group(1).strip(), float(match.group(2))))
+    tail = "\n".join(output.strip().splitlines()[-25:])
+    notes = [f"exit code {proc.returncode}, {seconds:.0f} s. Output of the script (last lines):\n\n```\n{tail}\n```"]
+    C.save_result("convert", "4. Conversion: our converter vs the naive route (benchmarks/convert_memory.py)",
+                  " ".join([".venv/bin/python", "benchmarks/convert_memory.py"] + (["--smoke"] if smoke else [])),
+                  {}, [], ratios, notes, smoke)
+
+
+def main(argv=None):
+    parser = C.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SCRIPTS))
+    args = parser.parse_args(argv)
+    timings = {}
+    for name in args.only.split(","):
+        start = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            if name == "convert":
+                run_convert(args.smoke)
+            else:
+                subprocess.run([sys.executable, str(C.BENCH / f"{name}.py")] + (["--smoke"] if args.smoke else []),
+                               cwd=C.ROOT, env=C.offline_env(C.TOTAL_THREADS), check=True, timeout=900)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+            print(f"{name}: FAILED ({err})", flush=True)
+        timings[name] = time.perf_counter() - start
+    for name, seconds in timings.items():
+        print(f"{name:16s} {seconds:6.0f} s")
+    if not args.smoke:
+        print(f"wrote {C.write_results_md()}")
+
+
+if __name__ == "__main__":
+    main()
