@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -52,6 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
+from recipes_core.safety import check_checkpoint_metadata, load_torch_file
 
 LATEST = "latest"
 TRAIN_PARAMS = "train_params.yaml"
@@ -70,8 +71,9 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
 
 
 def _read_metadata(ckpt_dir: Path):
-    with open(ckpt_dir / METADATA, "rb") as f:
-        return pickle.load(f)  # DCP's own index format (a pickled Metadata object), written by dcp.save
+    """DCP's index (a pickled Metadata object), read with a restricted unpickler: a .metadata file from
+    elsewhere must not run code. dcp.load reads it again with plain pickle, so this check comes first."""
+    return check_checkpoint_metadata(ckpt_dir)
 
 
 def is_complete(ckpt_dir: str | Path) -> bool:
@@ -222,9 +224,10 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, trainer_s
                                                          set_optimizer_state_dict)
 
     ckpt_dir = Path(ckpt_dir)
+    metadata = _read_metadata(ckpt_dir)  # raises if missing, damaged, or carrying code
     if not is_complete(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (.metadata or shard files missing)")
-    saved_keys = {key.split(".")[0] for key in _read_metadata(ckpt_dir).state_dict_metadata}
+        raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (shard files missing or short)")
+    saved_keys = {key.split(".")[0] for key in metadata.state_dict_metadata}
     full = {"optim", "trainer", "scheduler"} <= saved_keys
 
     state = {"model": model_state(model, lora)}
@@ -241,7 +244,7 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, trainer_s
     scheduler.load_state_dict(state["scheduler"])
     rng_file = ckpt_dir / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(load_torch_file(rng_file))
     return state["trainer"]
 
 

@@ -33,12 +33,11 @@ from recipes_core import IGNORE_INDEX
 from recipes_core import checkpoint as ckpt
 from recipes_core import distributed as D
 from recipes_core.collate import pack_examples, packed_collate, pad_collate
-from recipes_core.config import Config, dump, load_config, to_dict
+from recipes_core.config import Config, ConfigError, dump, load_config, to_dict
 from recipes_core.data import load_records
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
-from recipes_core.models import (build_model_from_config, load_full_state_dict, load_model_config,
-                                 resolve_model_source)
+from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
 from recipes_core.preprocess import tokenize_records
 from recipes_core.tokens import load_tokenizer
 
@@ -115,12 +114,12 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
         model = add_lora(model, cfg.lora)
     full_state = None
     if env.is_main:
-        reference = build_model_from_config(model_config, device="cpu")
-        reference.load_state_dict(load_full_state_dict(hf_dir, cfg.model.trust_remote_code), strict=False)
+        reference = load_full_model(hf_dir, cfg.model.trust_remote_code)
         if cfg.lora.enabled:
             torch.manual_seed(cfg.train.seed)
             reference = add_lora(reference, cfg.lora)
         full_state = reference.state_dict()
+        del reference
     mesh = D.build_mesh(env, cfg.fsdp.sharding, cfg.fsdp.replicate_degree)
     mp_policy, precision = D.mixed_precision_policy(cfg.fsdp.mixed_precision, env.device)
     cpu_offload = cfg.fsdp.cpu_offload and env.device.type == "cuda"
@@ -130,7 +129,7 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
     D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload)
     del full_state
     model.train()
-    return model, precision
+    return model, precision, dict(zip(mesh.mesh_dim_names, mesh.shape))
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -151,6 +150,7 @@ def count_saved_params(model, lora: bool) -> int:
 # ----- the run -----------------------------------------------------------------------------------------
 
 def train(cfg: Config, env: D.DistEnv) -> dict:
+    started = time.perf_counter()
     if cfg.train.deterministic:
         D.enable_determinism()
     D.seed_everything(cfg.train.seed, env.rank)
@@ -193,7 +193,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
                          f"({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks)")
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
 
-    model, precision = build_sharded_model(cfg, env, hf_dir, model_config)
+    model, precision, mesh_shape = build_sharded_model(cfg, env, hf_dir, model_config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   weight_decay=cfg.train.weight_decay)
@@ -225,9 +225,11 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
 
     peak, peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
     logger = MetricsLogger(out / "metrics.jsonl", env.is_main, cfg.log.tensorboard, append=resume_dir is not None)
-    logger.log({"kind": "start", "step": state["step"], "world_size": env.world_size, "n_params": n_params,
+    logger.log({"kind": "start", "step": state["step"], "world_size": env.world_size, "mesh": mesh_shape,
+                "n_params": n_params,
                 "n_trainable": n_trainable, "precision": precision, "peak_flops_per_rank": peak,
-                "peak_flops_source": peak_source, "total_steps": total_steps})
+                "peak_flops_source": peak_source, "total_steps": total_steps,
+                "setup_s": time.perf_counter() - started})
     progress = None
     if env.is_main and cfg.log.progress_bar:
         from tqdm import tqdm
@@ -329,7 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="a YAML recipe, e.g. cookbook/tiny_full.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    run(load_config(args.config, args.overrides))
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:  # before any model is loaded: a typo costs a second, not a run
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    run(config)
 
 
 if __name__ == "__main__":

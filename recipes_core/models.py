@@ -13,7 +13,7 @@ hub name actually loaded, "tiny_variant": ...}.
 
 The trainer never loads the full weights on every rank: it builds the model on the meta device from the
 config (build_model_from_config), shards it, and rank 0 alone reads the full state dict
-(load_full_state_dict) which is then broadcast shard by shard (see recipes_core.distributed).
+(load_full_model) which is then broadcast shard by shard (see recipes_core.distributed).
 """
 
 from __future__ import annotations
@@ -148,12 +148,10 @@ def reset_rotary_buffers(model: torch.nn.Module, device: torch.device | str) -> 
                 module.register_buffer(name, buffer, persistent=False)
 
 
-def load_full_state_dict(hf_dir: str | Path, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict, named as LlamaForCausalLM(config).state_dict() names it (tied lm_head
-    included). Only rank 0 calls this."""
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
-    return model.state_dict()
+def load_full_model(hf_dir: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The whole model in fp32 on CPU; its state_dict() has the plain Hugging Face names (tied lm_head
+    included). In training only rank 0 calls this."""
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
 def load_model_config(hf_dir: str | Path, trust_remote_code: bool = False) -> dict:

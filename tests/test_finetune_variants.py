@@ -1,0 +1,72 @@
+"""The same FSDP loop with LoRA adapters, and on a real model: SmolLM2-135M-Instruct on two ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recipes_core.checkpoint import _read_metadata, find_latest, is_complete, load_train_params
+from recipes_core.metrics import read_metrics
+from test_finetune import REPO, launch, losses, run_in_process
+
+SMOLLM2_GGUF = REPO / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_RUN = ["data.max_seq_len=96", "data.max_train_examples=64", "data.max_eval_examples=8",
+            "train.micro_batch_size=4", "train.grad_accum_steps=1", "train.warmup_steps=0", "log.progress_bar=false"]
+
+
+@pytest.mark.slow
+def test_lora_trains_and_saves_only_the_adapters(tiny_models, tmp_path):
+    """LoRA r=8 on q/k/v/o of the 4-layer tiny model: 4 layers x (q 8x(128+128) + k 8x(128+64) +
+    v 8x(128+64) + o 8x(128+128)) = 28,672 trainable parameters; the base weights stay frozen."""
+    out = tmp_path / "lora"
+    lora = ["model.source=hf", f"model.path={tiny_models['instruct']}", "lora.enabled=true", "lora.r=8",
+            "train.lr=5e-3", "train.max_steps=6", *TINY_RUN]
+    first = run_in_process(out, lora + ["train.stop_after_steps=3"])
+    assert first["n_trainable"] == 28_672 and first["n_params"] > 30 * first["n_trainable"]
+    assert (out / "latest").read_text().strip() == "step_3"
+    second = run_in_process(out, lora + ["checkpoint.resume=auto"])
+    assert second["step"] == 6
+    train = losses(out)
+    assert train[6] < train[1], train
+
+    ckpt = find_latest(out)
+    assert ckpt.name == "step_6" and is_complete(ckpt)
+    model_keys = [k for k in _read_metadata(ckpt).state_dict_metadata if k.startswith("model.")]
+    assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys), model_keys
+    assert "model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in model_keys
+    assert len(model_keys) == 4 * 4 * 2
+    params = load_train_params(ckpt)
+    assert params["lora"]["r"] == 8 and params["lora"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # The optimizer holds state for the adapters only (exp_avg, exp_avg_sq, step per adapter tensor).
+    optim_keys = [k for k in _read_metadata(ckpt).state_dict_metadata if k.startswith("optim.state.")]
+    assert optim_keys and all("lora_" in k for k in optim_keys)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf() -> Path:
+    if not SMOLLM2_GGUF.exists():
+        pytest.fail(f"{SMOLLM2_GGUF} is missing; run `make smollm2`")
+    from recipes_core.models import gguf_to_hf
+
+    return gguf_to_hf(SMOLLM2_GGUF)  # ~60 s the first time, then reused from models/smollm2/
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tunes_on_two_ranks(smollm2_hf, tmp_path):
+    out = tmp_path / "smollm2"
+    launch(2, out, ["model.source=gguf", f"model.path={SMOLLM2_GGUF}", "data.format=chat",
+                    "data.train_path=cookbook/data/chat_train.jsonl", "data.eval_path=", "data.max_seq_len=64",
+                    "data.max_train_examples=16", "train.max_steps=3", "train.micro_batch_size=1",
+                    "train.grad_accum_steps=1", "train.lr=1e-4", "train.warmup_steps=0",
+                    "checkpoint.save_optimizer=false", "log.progress_bar=false"], timeout=480)
+    train = losses(out)
+    print("SmolLM2 step losses:", train)
+    assert sorted(train) == [1, 2, 3] and train[3] < train[1]
+    start = read_metrics(out / "metrics.jsonl", "start")[0]
+    assert start["n_params"] == 134_515_008
+    params = load_train_params(out / "step_3")
+    assert params["model_source"]["kind"] == "gguf" and params["model_source"]["hf_dir"] == str(smollm2_hf)
+    assert params["model_config"]["tie_word_embeddings"] is True
+    keys = set(_read_metadata(out / "step_3").state_dict_metadata)
+    assert {"model.model.embed_tokens.weight", "model.lm_head.weight", "model.model.layers.29.mlp.down_proj.weight"} <= keys
