@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Fine-tune on one machine: one process per GPU, or NPROC CPU processes where there is no GPU.
+#
+#   cookbook/launch_single_node.sh cookbook/tiny_full.yaml [key=value ...]
+#   NPROC=4 cookbook/launch_single_node.sh cookbook/tiny_hsdp.yaml
+#
+# Rerunning the same command with checkpoint.resume=auto continues from the last complete checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONFIG=${1:?usage: $0 CONFIG.yaml [key=value ...]}
+shift
+PYTHON=${PYTHON:-.venv/bin/python}
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)")
+fi
+# On CPU each rank gets an equal share of the cores; without this every rank starts one thread per
+# core and they fight over them.
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+  CORES=$(nproc)
+  export OMP_NUM_THREADS=$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))
+fi
+export TOKENIZERS_PARALLELISM=false
+
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+  -m recipes_core.finetune --config "$CONFIG" "$@"
