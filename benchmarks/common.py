@@ -29,7 +29,7 @@ ALPACA = ROOT / "cookbook" / "data" / "alpaca_train.jsonl"
 TOTAL_THREADS = 2  # this machine's cores; every route gets the same budget (1 thread x 2 ranks, or 2 x 1)
 
 # Order of the sections in RESULTS.md.
-ORDER = ["train_compare", "packing", "mfu", "convert", "inference", "memory_scaling"]
+ORDER = ["train_compare", "packing", "mfu", "convert", "inference", "memory_scaling", "memory_scaling_fused"]
 
 
 def offline_env(threads: int) -> dict[str, str]:
@@ -297,6 +297,9 @@ def write_results_md() -> Path:
         if data.get("plot"):
             lines += ["", f"![{data['title']}]({data['plot']})"]
         lines.append("")
+    analysis = BENCH / "analysis.md"  # hand-written findings (profiles, misses, what is not ours to fix)
+    if analysis.exists():
+        lines += [analysis.read_text(encoding="utf-8")]
     path = BENCH / "RESULTS.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
