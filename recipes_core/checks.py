@@ -213,10 +213,12 @@ def check_checkpoint(path) -> Report:
                             "scheduler or trainer state: it cannot resume exactly")
     if params.get("param_counts"):
         sizes = size_report(ckpt_dir)
-        report.stats.update({"bytes written": sizes["measured"]["files_on_disk"],
-                             "bytes predicted": sizes["predicted"]["total"],
+        written, predicted = sizes["measured"]["files_on_disk"], sizes["predicted"]["total"]
+        report.stats.update({"bytes written": written, "bytes predicted": predicted,
                              "written / predicted": round(sizes["ratio_total"], 4)})
-        if abs(sizes["ratio_total"] - 1) > 0.1:
+        # Each stored tensor carries a few KiB of serialisation header: noise for real models, not for tiny adapters.
+        allowance = 0.1 * predicted + 8192 * len(read_metadata(ckpt_dir).storage_data)
+        if abs(written - predicted) > allowance:
             report.add("warning", f"the files are {sizes['ratio_total']:.2f}x the predicted size: something is "
                                   "saved twice, or not saved")
     else:

@@ -250,8 +250,8 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
             model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
         result = ConvertResult(out_dir, ckpt_dir, params.get("step"), dtype, sorted(p.name for p in tmp.iterdir()))
-        if verify:
-            result.max_abs_diff = verify_conversion(tmp, model, tokenizer)
+        if verify:  # a LoRA run is checked against a fresh, unmerged rebuild: that checks the merge too
+            result.max_abs_diff = verify_conversion(tmp, ckpt_dir if is_lora else model, tokenizer)
         _publish(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
