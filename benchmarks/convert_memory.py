@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -119,8 +119,6 @@ def main(argv: list[str] | None = None) -> dict:
     shape = dict(SHAPES["smoke" if args.smoke else "full"])
     shape.update({k: getattr(args, k) for k in shape if getattr(args, k)})
     work = C.RUNS / ("convert_smoke" if args.smoke else "convert")
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_bytes = make_checkpoint(work, **shape)

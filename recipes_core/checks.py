@@ -273,12 +273,14 @@ def _normalise(text: str) -> str:
 
 
 def repeats_prompt(prompt: str, answer: str, min_chars: int = 24) -> bool:
-    """The answer contains the prompt's start, or is a long stretch copied out of the prompt."""
+    """The answer copies the prompt: it contains the prompt's first 40 characters (prompts of at least
+    min_chars), equals a short prompt, or is a stretch of min_chars or more copied out of the prompt."""
     prompt, answer = _normalise(prompt), _normalise(answer)
-    head = prompt[:40]
-    if len(head) >= min(min_chars, len(prompt)) and head and head in answer:
-        return True
-    return len(answer) >= min_chars and answer in prompt
+    if not prompt or not answer:
+        return False
+    if len(prompt) < min_chars:
+        return answer == prompt
+    return prompt[:40] in answer or (len(answer) >= min_chars and answer in prompt)
 
 
 def check_answers(prompts: list[str], answers: list[str], title: str = "echo test") -> Report:

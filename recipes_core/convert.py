@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from recipes_core.checkpoint import LATEST, METADATA, TRAIN_PARAMS, find_latest, is_complete, load_train_params

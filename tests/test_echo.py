@@ -132,3 +132,13 @@ def test_correct_setup_passes_every_check(tuned, quickstart_run, capsys):
     assert doctor_main(["model", str(folder)]) == 0
     assert doctor_main(["checkpoint", quickstart_run["checkpoint"]]) == 0
     assert "FAILED" not in capsys.readouterr().out
+
+
+def test_echo_detection_is_not_fooled_by_short_prompts_or_short_answers():
+    from recipes_core.checks import repeats_prompt
+
+    assert not repeats_prompt("hi", "this is a greeting")  # "hi" inside "this" is no echo
+    assert repeats_prompt("hi", "Hi")
+    assert not repeats_prompt(PROMPT, "banana")  # the right answer is a word of the prompt
+    assert repeats_prompt(PROMPT, "of the list. banana, cherry, saw")  # a long stretch copied out of it
+    assert not check_answers([PROMPT], [""]).ok  # an empty answer is an error too
