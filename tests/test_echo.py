@@ -67,6 +67,9 @@ def test_cause_base_model_used_for_chat(tiny_models, base_tokenizer, instruct_to
         generate(base, base_tokenizer, [PROMPT], mode="chat")
     # Same vocabulary as the instruct model: only the template and the stop token tell them apart.
     assert compare_tokenizers(base_tokenizer, instruct_tokenizer).stats["verdict"] == "same-vocabulary"
+    # The data path refuses chat data without a template too (doctor data exits 2 with this message).
+    with pytest.raises(ValueError, match="no chat_template"):
+        data_report(DATA_DIR / "chat_eval.jsonl", "chat", tiny_models["base"])
 
 
 def test_cause_chat_template_not_saved_with_the_model(tuned, tmp_path):
