@@ -27,7 +27,9 @@ DCP top-level keys:
 train_params.yaml keys: config (the resolved config dict), model_source ({kind: tiny|hf|hub|gguf, path,
 hf_dir, tiny_variant}), model_config (HF config.to_dict()), tokenizer (local folder of the tokenizer used,
 with its chat template), step, save_optimizer, lora (null or the peft LoraConfig fields), world_size,
-param_dtype.
+param_dtype, and param_counts ({total, trainable, saved}: what the size report predicts from).
+Tied weights (SmolLM2's lm_head = embed_tokens) appear under both names, as in state_dict(), and are
+stored under both.
 
 Nothing is written twice: the model shards are saved once, and the optimizer state once beside them (the
 old llama-recipes saved the model again with the optimizer, plus a separate full optimizer file).

@@ -220,8 +220,12 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
                 print(f"WARNING: {message}", file=sys.stderr)
         else:
             state.update({k: int(v) for k, v in restored.items()})
+            saved_world = ckpt.load_train_params(resume_dir).get("world_size")
             if env.is_main:
                 print(f"resumed from {resume_dir} at step {state['step']}")
+                if saved_world != env.world_size:  # DCP reshards the tensors; the data split differs
+                    print(f"WARNING: saved with {saved_world} ranks, resumed with {env.world_size}: weights and "
+                          "optimizer are resharded exactly, but the remaining data order differs", file=sys.stderr)
 
     peak, peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
     logger = MetricsLogger(out / "metrics.jsonl", env.is_main, cfg.log.tensorboard, append=resume_dir is not None)
