@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from make_datasets import write_all  # noqa: E402
 
 from recipes_core.convert import convert  # noqa: E402
 from recipes_core.data import load_records  # noqa: E402
+from recipes_core.distributed import launch_command  # noqa: E402
 from recipes_core.infer import generate, load_for_inference  # noqa: E402
 from recipes_core.tiny import build_tiny  # noqa: E402
 
@@ -53,11 +53,10 @@ def score(model_dir: Path, prompts: list, expected: list[str]) -> tuple[float, l
 
 def finetune(model_dir: Path, data_dir: Path, output_dir: Path, steps: int, nproc: int, log_path: Path) -> None:
     """torchrun the trainer; print a progress line from its metrics file every few steps."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "recipes_core.finetune", "--config", str(CONFIG),
-               "model.source=hf", f"model.path={model_dir}", f"checkpoint.output_dir={output_dir}",
-               f"data.train_path={data_dir / 'chat_train.jsonl'}", f"data.eval_path={data_dir / 'chat_eval.jsonl'}",
-               f"train.max_steps={steps}"]
+    command = launch_command(nproc, "recipes_core.finetune", [
+        "--config", str(CONFIG), "model.source=hf", f"model.path={model_dir}", f"checkpoint.output_dir={output_dir}",
+        f"data.train_path={data_dir / 'chat_train.jsonl'}", f"data.eval_path={data_dir / 'chat_eval.jsonl'}",
+        f"train.max_steps={steps}"])  # torchrun --nproc_per_node N -m recipes_core.finetune ... on a free port
     metrics = output_dir / "metrics.jsonl"
     seen = 0
     with open(log_path, "w") as log:
