@@ -3,7 +3,8 @@
     python -m recipes_core.infer MODEL --prompt "Give the first item of the list." [--prompt ...]
     python -m recipes_core.infer MODEL --prompts-file prompts.txt --batch-size 8 --mode completion
 
-MODEL is a Hugging Face folder (config.json), a checkpoint step folder, or a run folder with `latest`.
+MODEL is a Hugging Face folder (config.json), a peft adapter folder, a checkpoint step folder, or a run
+folder with `latest`.
 Every choice that made older recipes "only repeat the prompt" is fixed here:
   - chat mode renders messages with the tokenizer's own chat template (an error when there is none);
   - generation stops on every end id (eos, end of turn, the generation config's list);
@@ -31,10 +32,16 @@ class NoChatTemplateError(ValueError):
 
 
 def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a Hugging Face folder or a checkpoint (rebuilt in memory, nothing written)."""
+    """(model, tokenizer) from a Hugging Face folder, a peft adapter folder (merged on load), or a
+    checkpoint (rebuilt in memory, nothing written)."""
     path = Path(path)
     if (path / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval(), load_tokenizer(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype).merge_and_unload()
+        return model.eval(), load_tokenizer(path)
     model, params, _ = load_model_from_checkpoint(path)
     if params.get("lora"):
         model = model.merge_and_unload()

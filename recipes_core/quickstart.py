@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = run(Path(args.out), Path(args.data), args.steps, args.eval_prompts, args.nproc)
     print(f"\nheld-out exact match: {summary['accuracy_before']:.1%} before -> {summary['accuracy_after']:.1%} "
           f"after fine-tuning ({summary['eval_prompts']} prompts), in {summary['wall_s']:.0f} s")
+    for row in [json.loads(line) for line in Path(summary["answers"]).read_text().splitlines()[:3]]:
+        print(f"  {row['prompt']!r} -> {row['answer']!r} (expected {row['expected']!r})")
     for key in ("models", "checkpoint", "hf", "answers", "finetune_log", "metrics"):
         print(f"  {key:<13}{summary[key]}")
     print(f"\nnext: python -m recipes_core.infer {summary['hf']} --prompt \"Give the first item of the list.\\n"

@@ -165,3 +165,8 @@ def test_lora_checkpoint_written_by_finetune(tiny_models, tmp_path):
         via_merge = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"]))(input_ids=ids).logits
     assert (via_peft - via_merge).abs().max() <= 1e-5 and (via_merge - base).abs().max() > 1e-4  # it trained
+    from recipes_core.infer import generate, load_for_inference
+
+    answers = [generate(*load_for_inference(folder), ["Give the first item of the list.\nmango, wolf"], max_new_tokens=4)
+               for folder in (tmp_path / "adapter", tmp_path / "merged", tmp_path / "lora")]
+    assert answers[0] == answers[1] == answers[2]  # adapter folder, merged folder, checkpoint itself
