@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import yaml
 
+from recipes_core import faults
 from recipes_core.safety import check_checkpoint_metadata, load_torch_file
 
 LATEST = "latest"
@@ -201,6 +202,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         state["trainer"] = dict(trainer_state)
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     dcp.save(state, checkpoint_id=str(tmp))
+    faults.in_save(step, rank, output_dir)  # test-only: RECIPES_FAULT_KILL_IN_SAVE (shards written, no rename)
 
     if rank == 0:
         (tmp / TRAIN_PARAMS).write_text(yaml.safe_dump(train_params, sort_keys=False), encoding="utf-8")

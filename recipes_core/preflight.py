@@ -1,0 +1,302 @@
+"""Checks that run once at the start of training, before any step: a run that cannot finish should stop
+in its first seconds with one line saying what is wrong and how to fix it, not hours later (a full disk at
+the first checkpoint) or with a traceback from deep inside torch (a mesh that does not divide the ranks).
+
+Two calls from recipes_core.finetune.train:
+  check_start(cfg, env)   before anything is written or loaded: impossible config values, the HSDP mesh
+                          against the world size, data files and model folder present, the output folder
+                          writable (stale `.tmp_step_*` folders of a crashed save are removed), and the
+                          checkpoint to resume from: safe to unpickle (restricted unpickler), complete, its
+                          per-rank RNG file loadable with weights_only=True
+  check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir)
+                          once the tokenizer and the model config are known: a pad token, a chat template
+                          for chat data, the resume checkpoint's shapes against the model config, and free
+                          disk for the predicted checkpoint size (checkpoint.predict_sizes)
+
+Every rank runs the checks; a failure anywhere is agreed on with one all-reduce, so all ranks stop
+together (none is left waiting in a collective). A failure raises PreflightError, which the command line
+prints as `error: preflight: ...` and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from recipes_core import faults
+
+MIB = 1024 * 1024
+
+
+class PreflightError(ValueError):
+    """The run cannot start or could not finish; the message names what and how to fix it."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _agree(errors: list[str], env) -> None:
+    """Raise on every rank when any rank found a problem (ranks report their own)."""
+    import torch.distributed as dist
+
+    failed = len(errors)
+    if env is not None and env.world_size > 1 and dist.is_initialized():
+        from recipes_core.distributed import all_reduce_sum
+
+        failed = int(all_reduce_sum(failed, env.device).item())
+    if errors:
+        raise PreflightError("preflight: " + _one_line(errors[0]))
+    if failed:
+        raise PreflightError("preflight: another rank failed its checks (its error is printed above)")
+
+
+# ----- before anything is loaded -----------------------------------------------------------------------
+
+def config_errors(cfg) -> list[str]:
+    """Values the dataclass types admit but no run can use."""
+    errors = []
+    positive = {"train.lr": cfg.train.lr}
+    non_negative = {"train.max_steps": cfg.train.max_steps, "train.stop_after_steps": cfg.train.stop_after_steps,
+                    "train.warmup_steps": cfg.train.warmup_steps, "train.weight_decay": cfg.train.weight_decay,
+                    "train.max_grad_norm": cfg.train.max_grad_norm, "train.eval_every": cfg.train.eval_every,
+                    "checkpoint.save_every": cfg.checkpoint.save_every,
+                    "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
+                    "fsdp.replicate_degree": cfg.fsdp.replicate_degree,
+                    "data.max_train_examples": cfg.data.max_train_examples}
+    errors += [f"{key}={value} must be greater than 0" for key, value in positive.items() if not value > 0]
+    errors += [f"{key}={value} must not be negative" for key, value in non_negative.items() if value < 0]
+    if not 0 <= cfg.train.min_lr_ratio <= 1:
+        errors.append(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must be between 0 and 1")
+    if not all(0 <= b < 1 for b in cfg.train.betas) or len(cfg.train.betas) != 2:
+        errors.append(f"train.betas={list(cfg.train.betas)} must be two numbers in [0, 1)")
+    if cfg.lora.enabled and cfg.lora.r < 1:
+        errors.append(f"lora.r={cfg.lora.r} must be at least 1")
+    return errors
+
+
+def mesh_errors(sharding: str, replicate_degree: int, world_size: int, local_world_size: int) -> list[str]:
+    """HSDP needs a (replicate x shard) mesh that covers every rank exactly once."""
+    if sharding != "hybrid":
+        return []
+    replicas = replicate_degree or max(1, world_size // local_world_size)
+    where = "fsdp.replicate_degree" + ("" if replicate_degree else "=0 (one replica per node)")
+    if replicas > world_size or world_size % replicas:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        return [f"{where} gives {replicas} replica groups, which does not divide the world size {world_size} "
+                f"(fsdp.sharding=hybrid needs replicate x shard = world size); set fsdp.replicate_degree to one "
+                f"of {divisors} or launch a multiple of {replicas} processes"]
+    return []
+
+
+def input_errors(cfg) -> list[str]:
+    from recipes_core.data import LOCAL_SUFFIXES
+
+    errors = []
+    for key in ("train_path", "eval_path"):
+        path = getattr(cfg.data, key)
+        if path and Path(path).suffix in LOCAL_SUFFIXES and not Path(path).is_file():
+            errors.append(f"data.{key}={path}: no such file; check the path (relative paths start from the "
+                          "folder the run is launched in)")
+    if cfg.model.source == "hf" and not (Path(cfg.model.path) / "config.json").is_file():
+        errors.append(f"model.path={cfg.model.path}: not a Hugging Face model folder (no config.json); point it "
+                      "at a folder written by save_pretrained, or use model.source=hub for a hub name")
+    if cfg.model.source == "gguf" and not Path(cfg.model.path).is_file():
+        errors.append(f"model.path={cfg.model.path}: no such GGUF file")
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).exists() and "/" in cfg.model.tokenizer \
+            and cfg.model.tokenizer.startswith((".", "/")):
+        errors.append(f"model.tokenizer={cfg.model.tokenizer}: no such folder")
+    return errors
+
+
+def output_dir_errors(out: Path, rank: int) -> list[str]:
+    """Can this rank create the folder and write a file into it?"""
+    probe = out / f".preflight_write_test_rank{rank}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        return [f"checkpoint.output_dir={out}: cannot write there ({err.strerror or err}); choose a folder this "
+                "user can write, or fix its permissions"]
+    return []
+
+
+def remove_stale_tmp(out: Path) -> list[Path]:
+    """Folders of saves that never finished (a crash between writing the shards and the rename)."""
+    stale = sorted(out.glob(".tmp_step_*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
+def resume_errors(cfg, out: Path, rank: int) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about the checkpoint checkpoint.resume would load."""
+    from recipes_core import checkpoint as ckpt
+    from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata, load_torch_file
+
+    errors, warnings = [], []
+    if not cfg.checkpoint.resume:
+        return errors, warnings
+    if cfg.checkpoint.resume == "auto":
+        chosen = ckpt.find_latest(out) if out.is_dir() else None
+        newer = [p for p in (ckpt.list_step_dirs(out) if out.is_dir() else [])
+                 if chosen is None or int(p.name.split("_")[1]) > int(chosen.name.split("_")[1])]
+        for folder in newer:  # passed over by resume=auto: say why, refuse outright if it carries code
+            try:
+                check_checkpoint_metadata(folder)
+                reason = "shard files missing or short"
+            except UnsafeCheckpointError as err:
+                if "refers to" in str(err):
+                    errors.append(f"checkpoint.resume=auto: {err} Remove {folder} before resuming")
+                    return errors, warnings
+                reason = str(err)
+            except FileNotFoundError as err:
+                reason = str(err)
+            warnings.append(f"resume=auto skips {folder}: {_one_line(reason)}")
+    else:
+        chosen = Path(cfg.checkpoint.resume)
+        if not chosen.is_dir():
+            return [f"checkpoint.resume={chosen}: no such folder; give a step_<k> folder or use auto"], warnings
+        try:
+            check_checkpoint_metadata(chosen)
+        except (UnsafeCheckpointError, FileNotFoundError) as err:
+            return [f"checkpoint.resume={chosen}: {err}"], warnings
+        if not ckpt.is_complete(chosen):
+            return [f"checkpoint.resume={chosen}: not a complete checkpoint (a shard file named in .metadata is "
+                    "missing or short); resume from an earlier step_<k> folder"], warnings
+    if chosen is not None:
+        rng = chosen / f"rng_rank{rank}.pt"
+        if rng.is_file():
+            try:
+                load_torch_file(rng)
+            except UnsafeCheckpointError as err:
+                errors.append(f"checkpoint.resume: {err}")
+            except Exception as err:  # truncated or not a torch file
+                errors.append(f"checkpoint.resume: {rng} cannot be read ({type(err).__name__}: {err}); the "
+                              "checkpoint is damaged, resume from an earlier step_<k> folder")
+    return errors, warnings
+
+
+def check_start(cfg, env) -> None:
+    """Checks before the run writes or loads anything (every rank calls this)."""
+    errors = config_errors(cfg) + mesh_errors(cfg.fsdp.sharding, cfg.fsdp.replicate_degree, env.world_size,
+                                              env.local_world_size)
+    errors += input_errors(cfg)
+    out = Path(cfg.checkpoint.output_dir)
+    if not errors:
+        errors += output_dir_errors(out, env.rank)
+    if not errors:
+        found, warnings = resume_errors(cfg, out, env.rank)
+        errors += found
+        if env.is_main:
+            for line in warnings:
+                print(f"WARNING: {line}", file=sys.stderr)
+    _agree(errors, env)
+    if env.is_main:
+        for folder in remove_stale_tmp(out):
+            print(f"preflight: removed {folder}, an unfinished save of an earlier run", file=sys.stderr)
+
+
+# ----- once the tokenizer and model config are known --------------------------------------------------
+
+def tokenizer_errors(tokenizer, tokenizer_dir, data_format: str) -> list[str]:
+    errors = []
+    if tokenizer.pad_token_id is None:
+        errors.append(f"tokenizer {tokenizer_dir} has no pad token; set one that is not the end-of-turn token "
+                      "(e.g. tokenizer.pad_token = '<|finetune_right_pad_id|>' or another reserved token, then "
+                      "save_pretrained) and point model.tokenizer at that folder")
+    if data_format == "chat" and not getattr(tokenizer, "chat_template", None):
+        errors.append(f"data.format=chat but tokenizer {tokenizer_dir} has no chat template; use the instruct "
+                      "model's tokenizer (model.tokenizer=...) or add a template (tokenizer.chat_template = ..., "
+                      "save_pretrained)")
+    return errors
+
+
+def predicted_checkpoint_bytes(cfg, model_config: dict) -> tuple[int, int, int]:
+    """(bytes of one checkpoint, parameters saved, trainable parameters), from a meta-device build."""
+    from recipes_core.checkpoint import predict_sizes
+    from recipes_core.models import build_model_from_config
+
+    model = build_model_from_config(model_config, device="meta")
+    if cfg.lora.enabled:
+        from recipes_core.lora import add_lora
+
+        model = add_lora(model, cfg.lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        saved = trainable
+    else:
+        trainable = sum(p.numel() for p in model.parameters())
+        saved = sum(t.numel() for t in model.state_dict().values())  # tied weights are saved twice
+    del model
+    sizes = predict_sizes(saved, trainable, 4, save_optimizer=cfg.checkpoint.save_optimizer)
+    return sizes["total"], saved, trainable
+
+
+def disk_errors(cfg, model_config: dict) -> tuple[list[str], list[str]]:
+    out = Path(cfg.checkpoint.output_dir)
+    needed, saved, trainable = predicted_checkpoint_bytes(cfg, model_config)
+    needed = int(needed * 1.02) + MIB  # DCP framing per tensor, train_params.yaml, RNG files
+    free = faults.disk_free_bytes(out)
+    per_param = 12 if cfg.checkpoint.save_optimizer and not cfg.lora.enabled else None
+    how = f"{saved:,} parameters" + (f" x {per_param} B with the optimizer" if per_param else "")
+    if free < needed:
+        fix = "free some space or choose another checkpoint.output_dir"
+        if cfg.checkpoint.save_optimizer:
+            fix += ", or set checkpoint.save_optimizer=false (model only, a cold optimizer on resume)"
+        return [f"not enough free disk for one checkpoint: checkpoint.output_dir={out} has {free / MIB:.1f} MiB "
+                f"free, a checkpoint needs about {needed / MIB:.1f} MiB ({how}); {fix}"], []
+    warnings = []
+    saves = 0
+    if cfg.train.max_steps:
+        saves = (cfg.train.max_steps // cfg.checkpoint.save_every if cfg.checkpoint.save_every else 0) + 1
+        if cfg.checkpoint.keep_last_n:
+            saves = min(saves, cfg.checkpoint.keep_last_n + 1)  # the newest is written before pruning
+    if saves > 1 and free < needed * saves:
+        warnings.append(f"{saves} checkpoints of ~{needed / MIB:.1f} MiB will be kept but {out} has "
+                        f"{free / MIB:.1f} MiB free; set checkpoint.keep_last_n or free space")
+    return [], warnings
+
+
+def shape_errors(cfg, model_config: dict) -> list[str]:
+    """The resume checkpoint's model tensors against the shapes this model config builds."""
+    from recipes_core import checkpoint as ckpt
+    from recipes_core.models import build_model_from_config
+
+    if not cfg.checkpoint.resume or cfg.lora.enabled:
+        return []
+    out = Path(cfg.checkpoint.output_dir)
+    chosen = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    if chosen is None:
+        return []
+    saved = {key[len("model."):]: meta.size for key, meta in ckpt._read_metadata(chosen).state_dict_metadata.items()
+             if key.startswith("model.") and hasattr(meta, "size")}
+    expected = {name: t.shape for name, t in build_model_from_config(model_config, "meta").state_dict().items()}
+    wrong = [f"{name} is {list(saved[name])} in the checkpoint, {list(shape)} in the model"
+             for name, shape in expected.items() if name in saved and tuple(saved[name]) != tuple(shape)]
+    missing = [name for name in expected if name not in saved and name != "lm_head.weight"]
+    if wrong:
+        return [f"checkpoint.resume: {chosen} does not fit the model config ({len(wrong)} tensors differ, e.g. "
+                f"{wrong[0]}); resume with the model it was trained from"]
+    if missing:
+        return [f"checkpoint.resume: {chosen} lacks {len(missing)} of the model's tensors (e.g. {missing[0]}); "
+                "it was trained from another model"]
+    return []
+
+
+def check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir) -> None:
+    """Checks once the tokenizer is loaded and the model folder exists (every rank calls this)."""
+    from recipes_core.models import load_model_config
+
+    errors = tokenizer_errors(tokenizer, tokenizer_dir, cfg.data.format)
+    warnings = []
+    if not errors:
+        model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)
+        errors += shape_errors(cfg, model_config)
+        if not errors:
+            errors, warnings = disk_errors(cfg, model_config)
+    if env.is_main:
+        for line in warnings:
+            print(f"WARNING: {line}", file=sys.stderr)
+    _agree(errors, env)
