@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from recipes_core import IGNORE_INDEX
 from recipes_core import checkpoint as ckpt
 from recipes_core import distributed as D
+from recipes_core import faults, preflight
 from recipes_core.collate import pack_examples, packed_collate, pad_collate
 from recipes_core.config import Config, ConfigError, dump, load_config, to_dict
 from recipes_core.data import load_records
@@ -154,6 +155,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     if cfg.train.deterministic:
         D.enable_determinism()
     D.seed_everything(cfg.train.seed, env.rank)
+    preflight.check_start(cfg, env)  # config, mesh, inputs, output folder, resume checkpoint: before any step
     out = Path(cfg.checkpoint.output_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +176,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     hf_dir = source["hf_dir"]
     tokenizer_dir = cfg.model.tokenizer or hf_dir
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
+    preflight.check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir)  # pad, chat template, shapes, free disk
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{tokenizer_dir}: the tokenizer has no pad token; set one (e.g. a reserved token)")
     model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)
@@ -276,6 +279,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        faults.at_step(state["step"], env.rank, out)  # test-only: RECIPES_FAULT_KILL_AT_STEP
         state["batch_in_epoch"] += accum
 
         tokens = sum(b["input_ids"].numel() for b in micro_batches)
@@ -340,7 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:  # before any model is loaded: a typo costs a second, not a run
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    run(config)
+    try:
+        run(config)
+    except preflight.PreflightError as err:  # one line, before any step, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
