@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from recipes_core.checkpoint import LATEST, METADATA, TRAIN_PARAMS, find_latest, is_complete, load_train_params
+from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata
 from recipes_core.models import build_model_from_config, reset_rotary_buffers, resolve_model_source
 from recipes_core.tokens import end_token_ids, load_tokenizer
 
@@ -81,7 +82,7 @@ def require_complete(ckpt_dir: Path) -> None:
 
 
 def read_metadata(ckpt_dir: str | Path):
-    return dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
+    return check_checkpoint_metadata(ckpt_dir)  # restricted unpickler: DCP's own reader uses plain pickle
 
 
 def shard_sizes(ckpt_dir: str | Path) -> dict[str, int]:
@@ -129,6 +130,11 @@ def _load_full_model(ckpt_dir: Path, params: dict) -> PreTrainedModel:
         raise CheckpointError(f"{ckpt_dir}: the checkpoint's 'model' lacks {len(missing)} weights the "
                               f"model_config needs, e.g. {missing[:3]}; train_params.yaml and the shards "
                               "do not belong together")
+    wrong = [f"{k}: {list(saved[k].size)} saved, {list(v.shape)} in model_config" for k, v in state.items()
+             if tuple(saved[k].size) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(f"{ckpt_dir}: {len(wrong)} saved tensors do not have the shapes model_config gives "
+                              f"(e.g. {wrong[0]}); train_params.yaml and the shards do not belong together")
     _dcp_load_in_place(state, ckpt_dir)
     return model
 
@@ -322,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = convert(args.checkpoint, args.out, args.dtype, args.lora, args.max_shard_size, args.verify,
                          args.overwrite)
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, AssertionError) as err:
+    except (CheckpointError, UnsafeCheckpointError, FileExistsError, FileNotFoundError, ValueError,
+            AssertionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(result)
