@@ -326,10 +326,13 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
 
 
 def run(cfg: Config) -> dict:
+    """One training run in this process (under torchrun: this rank's part of it)."""
     env = D.setup(cfg.fsdp.backend)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return train(cfg, env)
-    finally:
+    finally:  # leave the process as it was (notebooks and tests call run() more than once)
+        torch.use_deterministic_algorithms(deterministic_before)
         D.teardown(env)
 
 

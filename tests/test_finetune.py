@@ -5,8 +5,10 @@ The runs are shared between assertions (module-scoped fixtures) to keep the suit
 (each torchrun launch costs ~25 s of imports and start-up there):
   straight   torchrun, 2 ranks, 12 steps, checkpoints at 6 and 12 (with optimizer)
   resumed    torchrun, 2 ranks, a new process resuming from straight's step_6, runs steps 7..12
-  one_rank   1 rank in this process (the plain-process path), micro-batch 4 (= 2 ranks x 2), model only
-  accum      1 rank in this process, 2 micro-batches of 2 per step, activation checkpointing on
+  one_rank   1 rank in this process (the plain-process path), micro-batch 4 (= 2 ranks x 2), model only,
+             train.deterministic on
+  accum      1 rank in this process, 2 micro-batches of 2 per step, activation checkpointing and the
+             progress bar on
 The model is the tiny Llama built a bit wider (hidden 256) so that each tensor is large next to the
 ~1.5 KB that DCP's torch.save framing adds per tensor; real models make that overhead negligible.
 """
@@ -90,10 +92,15 @@ def runs(wide_tiny, tmp_path_factory) -> dict[str, Path]:
     proc = launch(2, paths["resumed"], two_rank + [f"checkpoint.resume={mid_run}"])
     assert f"resumed from {mid_run} at step {HALF}" in proc.stdout
     single = COMMON + model + ["checkpoint.save_optimizer=false"]
-    run_in_process(paths["one_rank"], single + ["train.micro_batch_size=4", "train.grad_accum_steps=1"])
+    # train.deterministic only turns on checks here (CPU kernels already are): the numbers must not move.
+    run_in_process(paths["one_rank"], single + ["train.micro_batch_size=4", "train.grad_accum_steps=1",
+                                                "train.deterministic=true"])
+    import torch
+
+    assert not torch.are_deterministic_algorithms_enabled()  # run() restores the process's setting
     # Activation checkpointing recomputes the same numbers in backward: it must not move the losses.
     run_in_process(paths["accum"], single + ["train.micro_batch_size=2", "train.grad_accum_steps=2",
-                                             "fsdp.activation_checkpointing=true"])
+                                             "fsdp.activation_checkpointing=true", "log.progress_bar=true"])
     return paths
 
 
