@@ -29,7 +29,7 @@ ALPACA = ROOT / "cookbook" / "data" / "alpaca_train.jsonl"
 TOTAL_THREADS = 2  # this machine's cores; every route gets the same budget (1 thread x 2 ranks, or 2 x 1)
 
 # Order of the sections in RESULTS.md.
-ORDER = ["train_compare", "packing", "mfu", "convert", "inference", "memory_scaling", "memory_scaling_fused"]
+ORDER = ["train_compare", "packing", "mfu", "mfu_optimizer", "convert", "inference", "memory_scaling", "memory_scaling_fused"]
 
 
 def offline_env(threads: int) -> dict[str, str]:

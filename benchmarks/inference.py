@@ -6,7 +6,7 @@ One process, OMP_NUM_THREADS=2, the same model object and tokenizer for both rou
 the same max_new_tokens and the same stop ids (every end id from recipes_core.tokens.end_token_ids),
 chat prompts rendered with the tokenizer's template. Batch 1 (one prompt at a time) and batched (all
 prompts, batch_size 8, left padding). New tokens are counted by re-tokenizing each answer with the same
-tokenizer for both routes; each route runs twice, alternating, and keeps its faster run.
+tokenizer for both routes; each route runs `repeats` times, alternating, and keeps its fastest run.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common as C  # noqa: E402
 
-SETTINGS = {"tiny": dict(prompts=16, batch=8, max_new_tokens=32), "smollm2": dict(prompts=8, batch=8, max_new_tokens=24)}
-SMOKE = dict(prompts=2, batch=2, max_new_tokens=4)
+SETTINGS = {"tiny": dict(prompts=16, batch=8, max_new_tokens=32, repeats=2),
+            "smollm2": dict(prompts=4, batch=4, max_new_tokens=16, repeats=1)}
+SMOKE = dict(prompts=2, batch=2, max_new_tokens=4, repeats=1)
 
 
 def prompts(n: int) -> list[str]:
@@ -66,7 +67,7 @@ def main(argv=None):
         results = {}
         for batch in (1, s["batch"]):
             best = {}
-            for _ in range(1 if args.smoke else 2):
+            for _ in range(s["repeats"]):
                 for name, fn in (("ours", ours), ("pipeline", theirs)):
                     start = time.perf_counter()
                     answers = fn(batch)

@@ -41,7 +41,7 @@ def run_ours(model: str, s: dict, nproc: int = 2) -> dict:
         start, steps = C.finetune_inprocess(out, s["steps"], extra)
     row = C.steady_throughput(steps, s["skip"])
     row["peak_memory_bytes_per_rank"] = steps[-1]["peak_memory_bytes_per_rank"]
-    row["parallelism"] = f"FSDP2 fully_shard ({nproc} ranks, gloo)"
+    row["parallelism"] = f"FSDP2 fully_shard ({nproc} ranks, gloo)" if nproc else "FSDP2, group of one (in-process smoke)"
     row["start"], row["steps"] = start, steps
     return row
 
