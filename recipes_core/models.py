@@ -118,10 +118,11 @@ def resolve_model_source(kind: str, path: str = "", tiny_variant: str = "instruc
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
         hf_dir = str(path)
     elif kind == "hub":
-        hf_dir = str(path)
+        return {"kind": kind, "path": str(path), "hf_dir": str(path), "tiny_variant": tiny_variant}
     else:
         raise ValueError(f"unknown model source {kind!r}; use tiny, hf, hub or gguf")
-    return {"kind": kind, "path": str(path), "hf_dir": hf_dir, "tiny_variant": tiny_variant}
+    # Absolute, so that a checkpoint's train_params.yaml works from any working directory.
+    return {"kind": kind, "path": str(path), "hf_dir": str(Path(hf_dir).resolve()), "tiny_variant": tiny_variant}
 
 
 # ----- building and loading ----------------------------------------------------------------------------

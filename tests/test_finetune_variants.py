@@ -69,7 +69,7 @@ def test_smollm2_fine_tunes_on_two_ranks(smollm2_hf, tmp_path):
     start = read_metrics(out / "metrics.jsonl", "start")[0]
     assert start["n_params"] == 134_515_008
     params = load_train_params(out / "step_3")
-    assert params["model_source"]["kind"] == "gguf" and params["model_source"]["hf_dir"] == str(smollm2_hf)
+    assert params["model_source"]["kind"] == "gguf" and params["model_source"]["hf_dir"] == str(smollm2_hf.resolve())
     assert params["model_config"]["tie_word_embeddings"] is True
     keys = set(_read_metadata(out / "step_3").state_dict_metadata)
     assert {"model.model.embed_tokens.weight", "model.lm_head.weight", "model.model.layers.29.mlp.down_proj.weight"} <= keys
