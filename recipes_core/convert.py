@@ -109,33 +109,52 @@ def _dcp_load_in_place(state_dict: dict[str, torch.Tensor], ckpt_dir: Path) -> N
 # ---------------------------------------------------------------- rebuilding the model
 
 
-def build_empty_model(model_config: dict, dtype: torch.dtype) -> PreTrainedModel:
-    """The architecture of `model_config` with allocated but unread weights (no random init)."""
-    model = build_model_from_config(model_config, device="meta", dtype=dtype)
-    model.to_empty(device="cpu")
-    with torch.no_grad():
-        reset_rotary_buffers(model, "cpu")
-    return model.eval()
+def _meta_modules_by_size(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that still own unallocated (meta) tensors, largest first."""
+    owners = [m for m in model.modules()
+              if any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+    return sorted(owners, key=size, reverse=True)
 
 
 def _load_full_model(ckpt_dir: Path, params: dict) -> PreTrainedModel:
+    """Build the model on the meta device and read the checkpoint into it, allocating as it reads.
+
+    DCP reads each tensor into a temporary of the same size before copying it into place. The largest
+    tensors (embedding, lm_head) are allocated and read first, one by one, while the rest of the model
+    is still on meta; then the rest is allocated and read in one pass. The peak is then about one copy
+    of the model plus one decoder-layer tensor, not plus the largest tensor."""
     saved = saved_model_entries(ckpt_dir)
     dtype = next(iter(saved.values())).properties.dtype
-    model = build_empty_model(params["model_config"], dtype)
-    state = model.state_dict()
-    if model.config.tie_word_embeddings and "lm_head.weight" not in saved:
-        state.pop("lm_head.weight", None)  # the same tensor as the input embedding
-    missing = sorted(set(state) - set(saved))
+    model = build_model_from_config(params["model_config"], device="meta", dtype=dtype).eval()
+    tied = model.config.tie_word_embeddings and "lm_head.weight" not in saved
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(saved))
     if missing:
         raise CheckpointError(f"{ckpt_dir}: the checkpoint's 'model' lacks {len(missing)} weights the "
                               f"model_config needs, e.g. {missing[:3]}; train_params.yaml and the shards "
                               "do not belong together")
-    wrong = [f"{k}: {list(saved[k].size)} saved, {list(v.shape)} in model_config" for k, v in state.items()
-             if tuple(saved[k].size) != tuple(v.shape)]
+    wrong = [f"{k}: {list(saved[k].size)} saved, {list(shape)} in model_config" for k, shape in expected.items()
+             if tuple(saved[k].size) != shape]
     if wrong:
         raise CheckpointError(f"{ckpt_dir}: {len(wrong)} saved tensors do not have the shapes model_config gives "
                               f"(e.g. {wrong[0]}); train_params.yaml and the shards do not belong together")
-    _dcp_load_in_place(state, ckpt_dir)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    names = {id(m): name for name, m in model.named_modules()}
+    while _meta_modules_by_size(model):
+        largest = _meta_modules_by_size(model)[0]
+        large = sum(p.numel() * p.element_size() for p in largest.parameters(recurse=False)) >= total // 20
+        batch = [largest] if large else _meta_modules_by_size(model)
+        for module in batch:
+            module.to_empty(device="cpu", recurse=False)
+        if tied:
+            model.tie_weights()  # lm_head shares the embedding just allocated
+        prefixes = tuple(f"{names[id(m)]}." if names[id(m)] else "" for m in batch)
+        state = {k: v for k, v in model.state_dict().items() if k in expected and k.startswith(prefixes)}
+        if state:
+            _dcp_load_in_place(state, ckpt_dir)
+    with torch.no_grad():
+        reset_rotary_buffers(model, "cpu")
     return model
 
 
