@@ -34,7 +34,9 @@ def _kill_once(name: str, switch: str, step: int, rank: int, output_dir: str | P
     marker = Path(output_dir) / f".fault_{name}_{step}"
     if marker.exists():
         return
-    marker.write_text(f"rank {rank} killed by {switch}={step} (pid {os.getpid()})\n", encoding="utf-8")
+    files = sorted(p.name for p in (Path(output_dir) / f".tmp_step_{step}").glob("*")) if name == "kill_in_save" else []
+    marker.write_text(f"rank {rank} killed by {switch}={step} (pid {os.getpid()})\n"
+                      + "".join(f"{f}\n" for f in files), encoding="utf-8")
     print(f"FAULT: {switch}={step}: SIGKILL rank {rank} (pid {os.getpid()})", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 

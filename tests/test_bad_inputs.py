@@ -1,0 +1,259 @@
+"""A corpus of bad inputs: data files, configs, checkpoints, models and tokenizers. Each one gets an error
+that names what is wrong and where; none leaves a partial output that looks complete (a failed
+conversion leaves no Hugging Face folder, not even a hidden temporary one).
+
+Every case runs in this process and in well under a second once the tiny models exist.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DATA_DIR, REPO, write_checkpoint
+
+# ----- data files --------------------------------------------------------------------------------------
+
+GOOD_ALPACA = {"instruction": "Say hi.", "input": "", "output": "hi"}
+DATA_CASES = {
+    # name: (file name, content, format, error type name, substrings of the message)
+    "invalid JSON line": ("a.jsonl", json.dumps(GOOD_ALPACA) + "\n{\"instruction\": \"x\",\n", "alpaca",
+                          "DataFormatError", ["a.jsonl", "row 2", "invalid JSON"]),
+    "missing field": ("a.jsonl", json.dumps({"instruction": "x", "input": ""}) + "\n", "alpaca",
+                      "DataFormatError", ["row 1", "field 'output'", "missing"]),
+    "wrong field type": ("a.jsonl", json.dumps({**GOOD_ALPACA, "output": 3}) + "\n", "alpaca",
+                         "DataFormatError", ["row 1", "field 'output'", "should be str"]),
+    "empty answer": ("a.jsonl", json.dumps({**GOOD_ALPACA, "output": "  "}) + "\n", "alpaca",
+                     "DataFormatError", ["row 1", "field 'output'", "empty"]),
+    "empty file": ("a.jsonl", "\n\n", "alpaca", "DataFormatError", ["a.jsonl", "no rows"]),
+    "unsupported file type": ("a.csv", "instruction,output\nx,y\n", "alpaca", "DataFormatError",
+                              ["a.csv", "unsupported file type"]),
+    "chat without assistant turn": ("c.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
+                                    "chat", "DataFormatError", ["row 1", "no assistant turn"]),
+    "chat unknown role": ("c.jsonl", json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n", "chat",
+                          "DataFormatError", ["row 1", "messages[0].role", "'bot'"]),
+    "label out of range": ("p.jsonl", json.dumps({"sentence1": "a", "sentence2": "b", "label": 2}) + "\n",
+                           "classification", "DataFormatError", ["row 1", "field 'label'", "0 or 1"]),
+    "missing data file": ("missing.jsonl", None, "alpaca", "FileNotFoundError", ["missing.jsonl", "no such data file"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_CASES))
+def test_bad_data_file(name, tmp_path):
+    from recipes_core.data import load_records
+
+    file_name, content, fmt, error, needles = DATA_CASES[name]
+    path = tmp_path / file_name
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(Exception) as info:
+        load_records(path, fmt)
+    assert type(info.value).__name__ == error, info.value
+    for needle in needles:
+        assert needle in str(info.value), (needle, str(info.value))
+
+
+# ----- configs -----------------------------------------------------------------------------------------
+
+CONFIG_CASES = {
+    "unknown key": (["train.learning_rate=1e-4"], ["train.learning_rate", "did you mean 'train.lr'"]),
+    "unknown section": (["trainer.lr=1e-4"], ["trainer.lr"]),
+    "wrong type": (["train.max_steps=ten"], ["train.max_steps", "expected int", "'ten'"]),
+    "wrong type bool": (["data.packing=maybe"], ["data.packing", "expected bool"]),
+    "impossible value micro batch": (["train.micro_batch_size=0"], ["train.micro_batch_size", "at least 1"]),
+    "impossible choice": (["data.format=xml"], ["data.format='xml'", "choose one of"]),
+    "not key=value": (["train.lr"], ["train.lr", "not key=value"]),
+    "hf source without path": (["model.source=hf"], ["model.source=hf needs model.path"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_CASES))
+def test_bad_config_override(name):
+    from recipes_core.config import ConfigError, load_config
+
+    overrides, needles = CONFIG_CASES[name]
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "cookbook" / "tiny_full.yaml", overrides)
+    for needle in needles:
+        assert needle in str(info.value), (needle, str(info.value))
+
+
+def test_bad_config_file(tmp_path):
+    from recipes_core.config import ConfigError, load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  bach_size: 4\n")
+    with pytest.raises(ConfigError, match="train.bach_size"):
+        load_config(path)
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(path)
+
+
+PREFLIGHT_VALUES = {
+    "zero learning rate": ("train.lr=0", "train.lr=0.0 must be greater than 0"),
+    "negative save_every": ("checkpoint.save_every=-5", "checkpoint.save_every=-5 must not be negative"),
+    "min_lr_ratio above 1": ("train.min_lr_ratio=1.5", "train.min_lr_ratio=1.5 must be between 0 and 1"),
+    "beta of 1": ("train.betas=[0.9,1.0]", "train.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREFLIGHT_VALUES))
+def test_impossible_values_are_refused_by_preflight(name):
+    from recipes_core.config import load_config
+    from recipes_core.preflight import config_errors
+
+    override, message = PREFLIGHT_VALUES[name]
+    errors = config_errors(load_config(REPO / "cookbook" / "tiny_full.yaml", [override]))
+    assert errors == [message]
+
+
+def test_good_config_passes_preflight():
+    from recipes_core.config import load_config
+    from recipes_core.preflight import config_errors
+
+    for recipe in sorted((REPO / "cookbook").glob("*.yaml")):
+        assert config_errors(load_config(recipe)) == [], recipe
+
+
+# ----- checkpoints -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tiny_models, tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"]))
+    return write_checkpoint(model, tmp_path_factory.mktemp("good_ckpt"), tiny_models["instruct"], step=3)
+
+
+def _shard(ckpt: Path) -> Path:
+    return next(ckpt.glob("*.distcp"))
+
+
+def _edit_params(ckpt: Path, **model_config) -> None:
+    params = yaml.safe_load((ckpt / "train_params.yaml").read_text())
+    params["model_config"].update(model_config)
+    (ckpt / "train_params.yaml").write_text(yaml.safe_dump(params))
+
+
+CHECKPOINT_CASES = {
+    # name: (damage, substrings of the error)
+    "missing .metadata": (lambda c: (c / ".metadata").unlink(), [".metadata is missing"]),
+    "truncated .metadata": (lambda c: (c / ".metadata").write_bytes((c / ".metadata").read_bytes()[:40]),
+                            ["unreadable checkpoint metadata", "damaged or incomplete"]),
+    "missing shard": (lambda c: _shard(c).unlink(), ["__0_0.distcp is missing"]),
+    "truncated shard": (lambda c: _shard(c).write_bytes(_shard(c).read_bytes()[:1000]),
+                        ["__0_0.distcp has 1000 bytes", ".metadata says"]),
+    "missing train_params.yaml": (lambda c: (c / "train_params.yaml").unlink(), ["train_params.yaml is missing"]),
+    "shape mismatch with model config": (lambda c: _edit_params(c, intermediate_size=96),
+                                         ["do not have the shapes model_config gives", "mlp"]),
+    "fewer layers than model config": (lambda c: _edit_params(c, num_hidden_layers=9),
+                                       ["lacks", "weights the model_config needs"]),
+    "not a folder": (lambda c: shutil.rmtree(c), ["not a folder"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_CASES))
+def test_bad_checkpoint_is_refused_and_leaves_no_output(name, good_checkpoint, tmp_path, capsys):
+    from recipes_core.convert import main
+
+    ckpt = tmp_path / "step_3"
+    shutil.copytree(good_checkpoint, ckpt)
+    damage, needles = CHECKPOINT_CASES[name]
+    damage(ckpt)
+    out = tmp_path / "hf"
+    assert main([str(ckpt), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not out.exists(), "a failed conversion must not leave a folder"
+    assert [p.name for p in tmp_path.iterdir()] == (["step_3"] if ckpt.exists() else []), list(tmp_path.iterdir())
+
+
+def test_good_checkpoint_converts(good_checkpoint, tmp_path):
+    from recipes_core.convert import convert
+
+    result = convert(good_checkpoint, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and result.step == 3
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_refused(good_checkpoint, tiny_models, tmp_path):
+    """Resuming needs the model the checkpoint was trained from: preflight compares shapes before DCP
+    would fail deep inside its load planner."""
+    from recipes_core.config import load_config
+    from recipes_core.models import load_model_config
+    from recipes_core.preflight import shape_errors
+
+    cfg = load_config(None, [f"checkpoint.resume={good_checkpoint}", f"checkpoint.output_dir={tmp_path}"])
+    model_config = load_model_config(tiny_models["instruct"])
+    assert shape_errors(cfg, model_config) == []
+    wider = {**model_config, "intermediate_size": model_config["intermediate_size"] * 2}
+    (error,) = shape_errors(cfg, wider)
+    assert str(good_checkpoint) in error and "mlp" in error and "does not fit the model config" in error
+
+
+# ----- models and tokenizers ---------------------------------------------------------------------------
+
+def test_model_folder_without_config(tmp_path):
+    from recipes_core.config import load_config
+    from recipes_core.models import resolve_model_source
+    from recipes_core.preflight import input_errors
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model_source("hf", str(tmp_path))
+    (error,) = input_errors(load_config(None, ["model.source=hf", f"model.path={tmp_path}"]))
+    assert f"model.path={tmp_path}" in error and "no config.json" in error
+
+
+def test_missing_gguf_file(tmp_path):
+    from recipes_core.models import gguf_to_hf
+
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        gguf_to_hf(tmp_path / "model.Q4.gguf")
+
+
+def test_missing_data_file_is_named_by_preflight(tmp_path):
+    from recipes_core.config import load_config
+    from recipes_core.preflight import input_errors
+
+    (error,) = input_errors(load_config(None, [f"data.train_path={tmp_path / 'nope.jsonl'}", "data.eval_path="]))
+    assert "data.train_path=" in error and "nope.jsonl: no such file" in error
+
+
+def test_tokenizer_without_pad_or_template(instruct_tokenizer, base_tokenizer):
+    import copy
+
+    from recipes_core.preflight import tokenizer_errors
+
+    assert tokenizer_errors(instruct_tokenizer, "instruct", "chat") == []
+    (error,) = tokenizer_errors(base_tokenizer, "base", "chat")
+    assert "base has no chat template" in error
+    assert tokenizer_errors(base_tokenizer, "base", "alpaca") == []
+    no_pad = copy.deepcopy(instruct_tokenizer)
+    no_pad.pad_token = None
+    (error,) = tokenizer_errors(no_pad, "instruct", "alpaca")
+    assert "instruct has no pad token" in error
+
+
+def test_corrupt_tokenizer_file(tiny_models, tmp_path):
+    from recipes_core.tokens import load_tokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tiny_models["instruct"], folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(Exception) as info:
+        load_tokenizer(folder)
+    assert "Traceback" not in str(info.value)
+    print(f"corrupt tokenizer.json: {type(info.value).__name__}: {str(info.value)[:200]}")
+
+
+def test_the_corpus_has_at_least_fifteen_kinds():
+    kinds = len(DATA_CASES) + len(CONFIG_CASES) + len(PREFLIGHT_VALUES) + len(CHECKPOINT_CASES) + 2 + 6
+    print(f"bad input kinds: {kinds}")
+    assert kinds >= 15 and DATA_DIR.is_dir()
