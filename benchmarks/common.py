@@ -29,7 +29,8 @@ ALPACA = ROOT / "cookbook" / "data" / "alpaca_train.jsonl"
 TOTAL_THREADS = 2  # this machine's cores; every route gets the same budget (1 thread x 2 ranks, or 2 x 1)
 
 # Order of the sections in RESULTS.md.
-ORDER = ["train_compare", "packing", "mfu", "mfu_optimizer", "convert", "inference", "memory_scaling", "memory_scaling_fused"]
+ORDER = ["train_compare", "train_fused", "packing", "mfu", "mfu_optimizer", "convert", "inference", "memory_scaling",
+         "memory_scaling_glibc_default", "memory_scaling_fused"]
 
 
 def offline_env(threads: int) -> dict[str, str]:
@@ -42,10 +43,11 @@ def offline_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_cmd(cmd: list[str], threads: int, timeout: float = 600) -> str:
+def run_cmd(cmd: list[str], threads: int, timeout: float = 600, env_extra: dict | None = None) -> str:
     """Run a command from the repo root; its stdout+stderr, or an error with the tail of it."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(threads), capture_output=True, text=True, timeout=timeout)
+    env = offline_env(threads) | (env_extra or {})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-4000:]}")

@@ -35,6 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common as C  # noqa: E402
 
 SETTINGS = dict(seq=128, micro=1, steps=2)
+# Every allocation above 128 KiB gets its own mmap and goes back to the OS when freed, so RSS follows
+# the live tensors. glibc's default raises this threshold as large blocks are freed (up to 32 MiB), after
+# which FSDP's per-layer buffers (~14 MiB for SmolLM2) come from malloc arenas and stay resident when freed.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def saved_activation_bytes(model, batch, device) -> int:
@@ -135,6 +139,8 @@ def main(argv=None):
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's malloc tuning alone (freed memory may stay resident in its arenas)")
     parser.add_argument("--reuse", action="store_true", help="re-render from the last worker outputs in runs/bench")
     parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) instead of the default (foreach)")
     parser.add_argument("--worker-out", help="internal: run as a torchrun worker")
@@ -154,11 +160,12 @@ def main(argv=None):
         if args.smoke:
             data = worker(model, s["seq"], s["micro"], s["steps"])
         else:
-            out = C.RUNS / f"memory_{model}_{n}{'_fused' if args.fused else ''}.json"
+            out = C.RUNS / f"memory_{model}_{n}{'_fused' if args.fused else ''}{'' if args.glibc_default else '_mmap'}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             if not (args.reuse and out.exists()):
                 C.run_cmd(C.torchrun(n, "benchmarks.memory_scaling", ["--model", model, "--worker-out", out]
-                                     + (["--fused"] if args.fused else [])), threads=1)
+                                     + (["--fused"] if args.fused else [])), threads=1,
+                          env_extra={} if args.glibc_default else MALLOC_ENV)
             data = json.loads(out.read_text())
         per_rank = []
         for r in data["ranks"]:
@@ -192,8 +199,12 @@ def main(argv=None):
         "without the working set.",
         f"Batch: {s['micro']} x {s['seq']} random tokens per rank, {s['steps']} AdamW steps, fp32, 1 thread per rank.",
     ]
-    name = "memory_scaling" + ("_fused" if args.fused else "")
-    title = "6. Memory scaling: per-rank memory vs FSDP arithmetic" + (" (AdamW fused=True)" if args.fused else "")
+    name = "memory_scaling" + ("_fused" if args.fused else "") + ("_glibc_default" if args.glibc_default else "")
+    title = ("6. Memory scaling: per-rank memory vs FSDP arithmetic" + (" (AdamW fused=True)" if args.fused else "")
+             + (", glibc malloc defaults" if args.glibc_default else ""))
+    notes.append("Allocator: glibc defaults (no tuning)." if args.glibc_default else
+                 f"Allocator: glibc with {MALLOC_ENV} in every rank, so that freed blocks leave the RSS; the same runs with "
+                 "glibc defaults are reported separately (memory_scaling_glibc_default).")
     return C.save_result(name, title, C.command_line(),
                          {"model": model, "ranks": ranks, **s, "optimizer": "AdamW fused" if args.fused else "AdamW default (CPU: per-parameter for-loop)"}, rows, ratios, notes, args.smoke, plot)
 
