@@ -18,7 +18,8 @@ CONFIG=${1:?usage: sbatch $0 CONFIG.yaml [key=value ...]}
 shift
 PYTHON=${PYTHON:-.venv/bin/python}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed, not head: head exits after one line and, with pipefail, a SIGPIPE in scontrol would end the job
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 PORT=${MASTER_PORT:-29500}
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
