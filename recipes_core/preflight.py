@@ -81,6 +81,10 @@ def mesh_errors(sharding: str, replicate_degree: int, world_size: int, local_wor
     if sharding != "hybrid":
         return []
     replicas = replicate_degree or max(1, world_size // local_world_size)
+    if not replicate_degree and world_size % local_world_size:
+        return [f"fsdp.replicate_degree=0 means one replica per node, but the world size {world_size} is not a "
+                f"multiple of the {local_world_size} processes per node; start the same number on every node or "
+                "set fsdp.replicate_degree"]
     where = "fsdp.replicate_degree" + ("" if replicate_degree else "=0 (one replica per node)")
     if replicas > world_size or world_size % replicas:
         divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
