@@ -60,11 +60,27 @@ def setup(backend: str = "auto") -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
     created = not dist.is_initialized()
     if created:
-        # A plain process becomes a group of one on a free local port (os.environ is left alone).
-        init_method = None if launched else f"tcp://127.0.0.1:{_free_port()}"
-        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+        device_id = device if device.type == "cuda" else None
+        if launched:
+            dist.init_process_group(backend=backend, store=_attempt_store(), rank=rank, world_size=world_size,
+                                    device_id=device_id)
+        else:  # a plain process becomes a group of one on a free local port (os.environ is left alone)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
+                                    world_size=world_size, device_id=device_id)
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend, created)
+
+
+def _attempt_store() -> dist.Store:
+    """torchrun's store, with this restart attempt's keys kept apart from the earlier attempts'.
+
+    After `torchrun --max-restarts` restarts a job whose rank was killed, the store can still hold the
+    killed attempt's keys, and a restarted gloo rank that reads the dead rank's address fails with
+    "connectFullMesh ... Connection refused". A prefix per attempt (TORCHELASTIC_RESTART_COUNT) makes every
+    attempt rendezvous on fresh keys."""
+    from torch.distributed.rendezvous import rendezvous
+
+    store, _, _ = next(rendezvous("env://"))
+    return dist.PrefixStore(f"recipes_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(env: DistEnv) -> None:
