@@ -52,6 +52,11 @@ def setup(backend: str = "auto") -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():  # NCCL allows one rank per GPU
+            raise RuntimeError(
+                f"LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}). Launch one rank per "
+                f"GPU (--nproc_per_node {torch.cuda.device_count()}), or run on CPU with CUDA_VISIBLE_DEVICES=''.")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -150,9 +155,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
-                activation_checkpointing: bool = False) -> nn.Module:
+                activation_checkpointing: bool = False, reshard_after_forward: bool = True) -> nn.Module:
     """fully_shard each decoder layer (one all-gather per layer, freed after use), then the root (the
-    embeddings, final norm and lm_head, and tied weights, which must live in one group)."""
+    embeddings, final norm and lm_head, and tied weights, which must live in one group).
+
+    The last decoder layer keeps its gathered parameters from forward to backward (as torchtitan does):
+    backward starts with it, so freeing them would only gather them again at once; one all-gather fewer
+    per micro-batch for the memory of one layer. FSDP2 never reshards the root after forward either.
+    reshard_after_forward=False keeps every layer gathered from forward to backward (ZeRO-2-like: half
+    the all-gathers, full parameters in memory during backward)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     if activation_checkpointing:
@@ -163,8 +174,9 @@ def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__}: no *DecoderLayer modules found to shard")
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
+    for i, layer in enumerate(layers):
+        reshard = reshard_after_forward and i < len(layers) - 1
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     return model
 
@@ -182,11 +194,24 @@ def load_full_weights_from_rank0(model: nn.Module, full_state_dict: dict | None,
     reset_rotary_buffers(model, device)
 
 
+# glibc malloc setting for CPU training runs: every allocation above 128 KiB gets its own mapping and goes
+# back to the OS when freed. glibc's default threshold grows (up to 32 MiB) after large frees such as rank 0's
+# load-time full copy; after that FSDP's per-layer all-gather buffers and gradients come from malloc's arenas
+# and stay resident once freed, so per-rank RSS barely falls with the number of ranks (SmolLM2 on 2 and 4
+# ranks: 1.6x and 2.3x the FSDP arithmetic, against 0.99x and 1.02x with this; benchmarks/RESULTS.md). An
+# allocator setting, not FSDP's; glibc reads it at process start, hence set by the launchers. Harmless on
+# CUDA (GPU memory is not malloc's) and ignored where the C library is not glibc.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def launch_command(nproc: int, module: str = "recipes_core.finetune", args: list[str] | tuple = (),
                    master_port: int | None = None) -> list[str]:
     """The command that runs `module` on nproc local processes under torchrun (nproc=0: one plain
-    process, no torchrun). Used by the tests and benchmarks; users type the torchrun line themselves."""
+    process, no torchrun), with MALLOC_ENV in its environment (`env VAR=value ...`; a value already set
+    in this environment wins). Used by the tests, notebooks and benchmarks; users type the torchrun line
+    themselves or use cookbook/launch_single_node.sh, which sets the same."""
+    env = ["env", *(f"{k}={os.environ.get(k, v)}" for k, v in MALLOC_ENV.items())]
     if nproc == 0:
-        return [sys.executable, "-m", module, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        return [*env, sys.executable, "-m", module, *args]
+    return [*env, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(master_port or _free_port()), "-m", module, *args]
