@@ -71,9 +71,11 @@ def test_bf16_follows_fp32_and_offload_follows_bf16(gpu_runs):
     # bf16 rounds the compute, not the fp32 master weights: the curves stay close, not equal.
     assert max(abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32) < 0.05, (bf16, fp32)
     assert bf16 != fp32
-    # Offload moves parameters, gradients and AdamW to CPU; activation checkpointing recomputes in
-    # backward. Neither changes the arithmetic beyond optimizer rounding on another device.
-    assert max(abs(offload[s] - bf16[s]) for s in bf16) < 1e-3, (offload, bf16)
+    # Offload moves parameters, gradients and AdamW to CPU (the CPU AdamW kernel rounds differently from
+    # the CUDA one, and the bf16 copy of the weights magnifies that); activation checkpointing recomputes in
+    # backward. Neither may change the run by more than bf16 rounding: an H100 run gave 6e-4 relative.
+    assert offload[1] == bf16[1]  # the first step runs on identical weights
+    assert max(abs(offload[s] - bf16[s]) / bf16[s] for s in bf16) < 5e-3, (offload, bf16)
 
 
 def test_gpu_checkpoint_converts_and_generates_on_gpu(gpu_runs, tmp_path):
