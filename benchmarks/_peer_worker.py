@@ -31,7 +31,7 @@ from recipes_core.tokens import load_tokenizer  # noqa: E402
 
 def parse(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--route", choices=("trainer", "plain"), required=True)
+    p.add_argument("--route", choices=("trainer", "plain", "profile-fsdp", "profile-fsdp-noreshard", "profile-ddp"), required=True)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=6)
@@ -120,8 +120,93 @@ def run_plain(args, rss_after_imports):
     return times, counting.counts, "none (one process)"
 
 
+def run_profile(args) -> None:
+    """One optimizer step (accum micro-batches, clip, fused AdamW), profiled on rank 0 after --steps - 1
+    warm-up steps, with the recipe's FSDP2 model and loss (profile-fsdp: build_sharded_model,
+    token_loss_sum, set_requires_gradient_sync, the step's token-count all-reduce) or with the
+    Trainer's wrapping (profile-ddp: DistributedDataParallel over gloo, model(**batch).loss). Writes a
+    JSON summary (wall time and its split: matmuls, collectives, optimizer, other) and the op table."""
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from recipes_core import distributed as D
+    from recipes_core.finetune import build_sharded_model, token_loss_sum
+    from recipes_core.models import load_model_config
+
+    env = D.setup("gloo")
+    examples, collate = data(args)
+    batches = [collate(examples[(env.rank * args.accum + i) * args.micro:(env.rank * args.accum + i + 1) * args.micro])
+               for i in range(args.accum)]
+    if args.route == "profile-fsdp":  # exactly the recipe's model
+        cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={args.model_dir}"])
+        model = build_sharded_model(cfg, env, args.model_dir, load_model_config(args.model_dir))[0]
+    elif args.route == "profile-fsdp-noreshard":  # the same, every layer kept gathered from forward to backward
+        from recipes_core.models import build_model_from_config, load_full_model
+
+        model = build_model_from_config(load_model_config(args.model_dir), device="meta")
+        full = load_full_model(args.model_dir).state_dict() if env.is_main else None
+        mesh = D.build_mesh(env, "full")
+        D.shard_model(model, mesh, D.mixed_precision_policy("fp32", env.device)[0], reshard_after_forward=False)
+        D.load_full_weights_from_rank0(model, full, env.device)
+        del full
+        model.train()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = torch.nn.parallel.DistributedDataParallel(
+            AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).train(), find_unused_parameters=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+
+    def step():
+        if args.route.startswith("profile-fsdp"):
+            total = D.all_reduce_sum(sum(supervised_tokens(b) for b in batches), env.device)
+            for i, batch in enumerate(batches):
+                model.set_requires_gradient_sync(i == args.accum - 1)
+                (token_loss_sum(model, batch, env.device) * env.world_size / total).backward()
+        else:
+            for i, batch in enumerate(batches):
+                if i < args.accum - 1:
+                    with model.no_sync():
+                        (model(**batch, use_cache=False).loss / args.accum).backward()
+                else:
+                    (model(**batch, use_cache=False).loss / args.accum).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(max(1, args.steps - 1)):
+        step()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        step()
+        wall = time.perf_counter() - start
+    dist.barrier()
+    if env.rank == 0:
+        events = prof.key_averages()
+        self_us = {e.key: e.self_cpu_time_total for e in events}
+        total_self = sum(self_us.values()) or 1
+        is_mm = lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_flash_attention_backward")
+        is_comm = lambda k: any(w in k.lower() for w in ("all_gather", "allgather", "reduce_scatter", "allreduce", "all_reduce",
+                                                           "broadcast", "c10d", "gloo", "record_param_comms", "wait"))
+        optim = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#"))
+        share = {"matmul + attention kernels": sum(v for k, v in self_us.items() if is_mm(k)) / total_self,
+                 "collectives (incl. waits)": sum(v for k, v in self_us.items() if is_comm(k)) / total_self}
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        summary = {"wall_s": wall, "optimizer_s": optim / 1e6, "shares": share,
+                   "collective_calls": sum(e.count for e in events if is_comm(e.key) and not e.key.startswith("c10d::wait")),
+                   "top": [{"op": e.key, "share": e.self_cpu_time_total / total_self, "calls": e.count} for e in top],
+                   "table": events.table(sort_by="self_cpu_time_total", row_limit=25)}
+        Path(args.out).write_text(json.dumps(summary))
+    D.teardown(env)
+
+
 def main(argv=None):
     args = parse(argv)
+    if args.route.startswith("profile"):
+        return run_profile(args)
     rss_after_imports = rss_bytes()
     times, counts, parallel = (run_trainer if args.route == "trainer" else run_plain)(args, rss_after_imports)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -29,8 +29,8 @@ ALPACA = ROOT / "cookbook" / "data" / "alpaca_train.jsonl"
 TOTAL_THREADS = 2  # this machine's cores; every route gets the same budget (1 thread x 2 ranks, or 2 x 1)
 
 # Order of the sections in RESULTS.md.
-ORDER = ["train_compare", "train_fused", "packing", "mfu", "mfu_optimizer", "convert", "inference", "memory_scaling",
-         "memory_scaling_glibc_default", "memory_scaling_fused"]
+ORDER = ["train_compare_tiny", "train_compare_smollm2", "train_profile", "packing", "mfu", "mfu_optimizer", "convert", "inference", "memory_scaling",
+         "memory_scaling_glibc_default"]
 
 
 def offline_env(threads: int) -> dict[str, str]:
@@ -55,10 +55,15 @@ def run_cmd(cmd: list[str], threads: int, timeout: float = 600, env_extra: dict 
     return out
 
 
-def torchrun(nproc: int, module: str, args: list[str]) -> list[str]:
+def torchrun(nproc: int, module: str, args: list[str], malloc_env: bool = True) -> list[str]:
+    """The recipe's own launch command (recipes_core.distributed.launch_command, which sets the glibc
+    malloc threshold for its ranks); malloc_env=False drops that `env VAR=value` prefix (glibc defaults)."""
     from recipes_core.distributed import launch_command
 
-    return launch_command(nproc, module, [str(a) for a in args])
+    cmd = launch_command(nproc, module, [str(a) for a in args])
+    if not malloc_env and cmd[0] == "env":
+        cmd = cmd[cmd.index(sys.executable):]
+    return cmd
 
 
 # ----- models --------------------------------------------------------------------------------------------

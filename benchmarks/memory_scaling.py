@@ -38,7 +38,7 @@ SETTINGS = dict(seq=128, micro=1, steps=2)
 # Every allocation above 128 KiB gets its own mmap and goes back to the OS when freed, so RSS follows
 # the live tensors. glibc's default raises this threshold as large blocks are freed (up to 32 MiB), after
 # which FSDP's per-layer buffers (~14 MiB for SmolLM2) come from malloc arenas and stay resident when freed.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+from recipes_core.distributed import MALLOC_ENV  # noqa: E402  (the recipe's launchers set it)
 
 
 def saved_activation_bytes(model, batch, device) -> int:
@@ -68,7 +68,7 @@ def saved_activation_bytes(model, batch, device) -> int:
     return sum(storages.values()), storages
 
 
-def worker(model_name: str, seq: int, micro: int, steps: int, fused: bool = False) -> dict:
+def worker(model_name: str, seq: int, micro: int, steps: int) -> dict:
     import torch
 
     from recipes_core import distributed as D
@@ -87,9 +87,8 @@ def worker(model_name: str, seq: int, micro: int, steps: int, fused: bool = Fals
         model = build_sharded_model(cfg, env, hf_dir, model_config)[0]  # (model, precision, ...): API still moving
         gc.collect()
         after_load = C.rss_bytes()
-        # The recipe's optimizer: torch.optim.AdamW defaults (on CPU the per-parameter loop); --fused for the fix.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0,
-                                      **({"fused": True} if fused else {}))
+        # The recipe's optimizer (recipes_core.finetune.train): AdamW with fused=True.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model_config["vocab_size"], (micro, seq), generator=g)
         batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
@@ -142,12 +141,11 @@ def main(argv=None):
     parser.add_argument("--glibc-default", action="store_true",
                         help="leave glibc's malloc tuning alone (freed memory may stay resident in its arenas)")
     parser.add_argument("--reuse", action="store_true", help="re-render from the last worker outputs in runs/bench")
-    parser.add_argument("--fused", action="store_true", help="AdamW(fused=True) instead of the default (foreach)")
     parser.add_argument("--worker-out", help="internal: run as a torchrun worker")
     args = parser.parse_args(argv)
     s = dict(SETTINGS)
     if args.worker_out:
-        out = worker(args.model, s["seq"], s["micro"], s["steps"], args.fused)
+        out = worker(args.model, s["seq"], s["micro"], s["steps"])
         if int(os.environ.get("RANK", 0)) == 0:
             Path(args.worker_out).write_text(json.dumps(out))
         return None
@@ -160,12 +158,13 @@ def main(argv=None):
         if args.smoke:
             data = worker(model, s["seq"], s["micro"], s["steps"])
         else:
-            out = C.RUNS / f"memory_{model}_{n}{'_fused' if args.fused else ''}{'' if args.glibc_default else '_mmap'}.json"
+            out = C.RUNS / f"memory_{model}_{n}{'' if args.glibc_default else '_mmap'}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             if not (args.reuse and out.exists()):
-                C.run_cmd(C.torchrun(n, "benchmarks.memory_scaling", ["--model", model, "--worker-out", out]
-                                     + (["--fused"] if args.fused else [])), threads=1,
-                          env_extra={} if args.glibc_default else MALLOC_ENV)
+                # The recipe's launch command sets MALLOC_ENV (recipes_core.distributed.launch_command);
+                # --glibc-default drops it to show what glibc's defaults do.
+                C.run_cmd(C.torchrun(n, "benchmarks.memory_scaling", ["--model", model, "--worker-out", out],
+                                     malloc_env=not args.glibc_default), threads=1)
             data = json.loads(out.read_text())
         per_rank = []
         for r in data["ranks"]:
@@ -185,7 +184,7 @@ def main(argv=None):
                               "within 15% (0.85-1.15x)", 0.85 <= rel <= 1.15))
         measured.append(max(x[0] for x in per_rank) / 2**20)
         predicted.append(max(x[1] for x in per_rank) / 2**20)
-    plot = C.bar_plot(C.plot_path("memory_scaling" + ("_fused" if args.fused else ""), args.smoke), f"Per-rank training memory, {model} (max over ranks)",
+    plot = C.bar_plot(C.plot_path("memory_scaling" + ("_glibc_default" if args.glibc_default else ""), args.smoke), f"Per-rank training memory, {model} (max over ranks)",
                       [f"{n} rank(s)" for n in ranks], {"measured (peak RSS - baseline)": measured,
                                                         "FSDP arithmetic": predicted}, "MiB")
     notes = [
@@ -199,14 +198,14 @@ def main(argv=None):
         "without the working set.",
         f"Batch: {s['micro']} x {s['seq']} random tokens per rank, {s['steps']} AdamW steps, fp32, 1 thread per rank.",
     ]
-    name = "memory_scaling" + ("_fused" if args.fused else "") + ("_glibc_default" if args.glibc_default else "")
-    title = ("6. Memory scaling: per-rank memory vs FSDP arithmetic" + (" (AdamW fused=True)" if args.fused else "")
-             + (", glibc malloc defaults" if args.glibc_default else ""))
+    name = "memory_scaling" + ("_glibc_default" if args.glibc_default else "")
+    title = "6. Memory scaling: per-rank memory vs FSDP arithmetic" + (", glibc malloc defaults" if args.glibc_default else "")
     notes.append("Allocator: glibc defaults (no tuning)." if args.glibc_default else
-                 f"Allocator: glibc with {MALLOC_ENV} in every rank, so that freed blocks leave the RSS; the same runs with "
-                 "glibc defaults are reported separately (memory_scaling_glibc_default).")
+                 f"Allocator: glibc with {MALLOC_ENV} in every rank, as the recipe's launchers set it "
+                 "(recipes_core.distributed.launch_command, cookbook/*.sh), so that freed blocks leave the RSS; the same "
+                 "runs with glibc defaults are reported separately (memory_scaling_glibc_default).")
     return C.save_result(name, title, C.command_line(),
-                         {"model": model, "ranks": ranks, **s, "optimizer": "AdamW fused" if args.fused else "AdamW default (CPU: per-parameter for-loop)"}, rows, ratios, notes, args.smoke, plot)
+                         {"model": model, "ranks": ranks, **s, "optimizer": "AdamW fused=True (the recipe's)"}, rows, ratios, notes, args.smoke, plot)
 
 
 if __name__ == "__main__":

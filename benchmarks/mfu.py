@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common as C  # noqa: E402
 
-SETTINGS = dict(seq=256, micro=1, accum=1, steps=4, skip=1, lr=2e-5)
+SETTINGS = dict(seq=512, micro=1, accum=1, steps=3, skip=1, lr=2e-5)  # 512 tokens per step: what fits 5 minutes
 SMOKE = dict(seq=128, micro=1, accum=1, steps=2, skip=1, lr=3e-3, examples=32)
 
 
@@ -37,7 +37,7 @@ def matmul_peak(threads: int, seconds: float = 1.0) -> float:
         torch.set_num_threads(old)
 
 
-def profile_step(model_name: str, s: dict, threads: int, fused: bool = False) -> tuple[list[dict], str, float, float]:
+def profile_step(model_name: str, s: dict, threads: int, fused: bool = True) -> tuple[list[dict], str, float, float]:
     """One training step (the recipe's loss and AdamW on one packed batch) under torch.profiler.
     Returns (top ops, table, step seconds, optimizer-step seconds)."""
     import torch
@@ -53,8 +53,7 @@ def profile_step(model_name: str, s: dict, threads: int, fused: bool = False) ->
     cfg = load_config("cookbook/tiny_full.yaml", [f"data.max_seq_len={s['seq']}", "data.packing=true"])
     blocks = tokenized(cfg.data.train_path, cfg, tokenizer, 64)
     batch = collate_fn(cfg, tokenizer.pad_token_id)(blocks[:s["micro"]])
-    # The recipe's optimizer call (torch.optim.AdamW defaults: on CPU that is the per-parameter for-loop
-    # implementation, foreach and fused being defaults on CUDA only), or fused=True.
+    # The recipe's optimizer (AdamW fused=True), or fused=False: torch's CPU default, the per-parameter loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
 
     def step():
@@ -74,7 +73,13 @@ def profile_step(model_name: str, s: dict, threads: int, fused: bool = False) ->
     top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
     rows = [{"op": e.key, "self CPU share": e.self_cpu_time_total / total_self, "calls": e.count} for e in top]
     optim = sum(e.cpu_time_total for e in averages if e.key.startswith("Optimizer.step#")) / 1e6
-    return rows, f"one profiled step: {total:.2f} s (optimizer step {optim:.2f} s)\n{table}", total, optim
+    matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMUL_OPS) / total_self
+    rows.append({"op": "(matmul and attention kernels together)", "self CPU share": matmul, "calls": None})
+    return rows, f"one profiled step: {total:.2f} s (optimizer step {optim:.2f} s; matmul + attention kernels {100 * matmul:.1f}% of self CPU time)\n{table}", total, optim
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
 
 
 def compare_optimizers(args, s, threads):
@@ -101,12 +106,14 @@ def main(argv=None):
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--compare-optimizers", action="store_true",
                         help="only profile one step with AdamW's default and with fused=True")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of the process and of the matmul peak (2 = the whole machine; see the notes)")
     args = parser.parse_args(argv)
     if args.compare_optimizers:
-        return compare_optimizers(args, SETTINGS, C.TOTAL_THREADS)
+        return compare_optimizers(args, SETTINGS, args.threads)
     s = SMOKE if args.smoke else SETTINGS
     model = "tiny" if args.smoke else args.model
-    threads = 1 if args.smoke else C.TOTAL_THREADS
+    threads = 1 if args.smoke else args.threads
     out = C.RUNS / f"mfu_{model}"
     extra = ["model.source=hf", f"model.path={C.model_dir(model)}", f"data.max_seq_len={s['seq']}", "data.packing=true",
              f"train.micro_batch_size={s['micro']}", f"train.grad_accum_steps={s['accum']}", f"train.lr={s['lr']}",
@@ -141,15 +148,23 @@ def main(argv=None):
     notes = [f"{threads} thread(s), fp32, packed blocks of {s['seq']} tokens, micro-batch {s['micro']}, "
              f"{len(kept)} timed steps after {s['skip']} warm-up step(s).",
              "Peak is the highest of the three matmul measurements, so noise from other processes lowers the MFU "
-             "rather than raising it."]
+             "rather than raising it.",
+             "Threads: the peak and the training run use the same thread count. One thread by default: with other jobs on "
+             "the 2 cores (load average 6-7), a 2-thread process waits at every op's OpenMP barrier for a descheduled "
+             "thread (SmolLM2 decoding: 2.7 s with 1 thread, 16.8 s with 2, back to back), which measures the neighbours, "
+             "not the recipe. `--threads 2` on a quiet machine uses both cores."]
     if not args.no_profile:
         prof_rows, table, _, optim_s = profile_step(model, s, threads)
         (C.RESULTS_DIR / ("smoke" if args.smoke else "")).mkdir(parents=True, exist_ok=True)
         (C.RESULTS_DIR / ("smoke" if args.smoke else "") / f"mfu_profile_{model}.txt").write_text(table)
-        notes.append("Where the time goes (torch.profiler, one step, self CPU time): " +
-                     "; ".join(f"`{r['op']}` {100 * r['self CPU share']:.1f}%" for r in prof_rows) +
-                     f". Full table: results/mfu_profile_{model}.txt. The AdamW step alone took {optim_s:.1f} s of "
-                     "the profiled step (see 3b).")
+        matmul_share = prof_rows[-1]["self CPU share"]
+        notes.append("Where the time goes (torch.profiler, one step of the same batch on the plain model in this process, "
+                     "the recipe's loss and fused AdamW, self CPU time): " +
+                     "; ".join(f"`{r['op']}` {100 * r['self CPU share']:.1f}%" for r in prof_rows[:-1]) +
+                     f". Matmul and attention kernels together: {100 * matmul_share:.0f}%; outside them: "
+                     f"{100 * (1 - matmul_share):.0f}%. The AdamW step took {optim_s:.2f} s. Full table: "
+                     f"results/mfu_profile_{model}.txt.")
+        rows[0]["profiled share in matmul + attention kernels"] = matmul_share
     plot = C.bar_plot(C.plot_path("mfu", args.smoke), f"FLOP/s of one training process, {model}",
                       [model], {"matmul peak (measured)": [peak / 1e9], "training, 6N + attention": [achieved / 1e9],
                                 "training, 6N": [achieved_6n / 1e9]}, "GFLOP/s")

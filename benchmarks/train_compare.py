@@ -1,12 +1,13 @@
 """Benchmark 1: training throughput of our recipe against what users would run instead.
 
-    .venv/bin/python benchmarks/train_compare.py [--models tiny,smollm2] [--smoke]
+    .venv/bin/python benchmarks/train_compare.py [--models tiny,smollm2] [--smoke]   (one section per model)
+    .venv/bin/python benchmarks/train_compare.py --profile [--models tiny,smollm2]    (section 1b: one profiled step)
 
 Routes, all on the same model folder, tokenized examples, sequence length, global batch, AdamW
 (betas 0.9/0.95, no weight decay), cosine schedule, grad-norm clipping at 1.0 and fp32:
   ours     torchrun --nproc_per_node 2 -m recipes_core.finetune  (FSDP2, gloo), 1 thread per rank
   trainer  torchrun --nproc_per_node 2 benchmarks/_peer_worker.py --route trainer (HF Trainer), 1 thread per rank
-  plain    one process, plain PyTorch loop (benchmarks/_peer_worker.py --route plain), 2 threads
+  plain    one process, plain PyTorch loop (benchmarks/_peer_worker.py --route plain), 1 thread
 Throughput is sum(tokens) / sum(step times) over the steps after the warm-up ones; each route times
 one optimizer step the same way (forward/backward of every micro-batch, clipping, optimizer step).
 """
@@ -23,13 +24,13 @@ from benchmarks import common as C  # noqa: E402
 
 SETTINGS = {  # per model: sequence length, micro-batch per rank, accumulation (2 ranks), steps, warm-up steps, lr
     "tiny": dict(seq=128, micro=4, accum=2, steps=12, skip=2, lr=3e-3),
-    "smollm2": dict(seq=128, micro=1, accum=2, steps=4, skip=1, lr=2e-5),
+    "smollm2": dict(seq=128, micro=1, accum=2, steps=3, skip=1, lr=2e-5),  # 3 steps: the three routes fit 5 minutes
 }
 SMOKE = dict(seq=64, micro=2, accum=1, steps=2, skip=1, lr=3e-3, examples=32)
 
 
 def run_ours(model: str, s: dict, nproc: int = 2, module: str = "recipes_core.finetune") -> dict:
-    out = C.RUNS / f"train_{module.rsplit('.', 1)[-1]}_{model}_{nproc}"
+    out = C.RUNS / f"train_finetune_{model}_{nproc}"
     extra = [f"model.source=hf", f"model.path={C.model_dir(model)}", f"data.max_seq_len={s['seq']}",
              f"train.micro_batch_size={s['micro']}", f"train.grad_accum_steps={s['accum']}", f"train.lr={s['lr']}",
              "train.warmup_steps=0", "train.lr_schedule=cosine", "train.seed=42",
@@ -80,77 +81,95 @@ def run_peer(route: str, model: str, s: dict, inprocess: bool = False, threads: 
 def main(argv=None):
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,smollm2")
-    parser.add_argument("--fused-adamw", action="store_true",
-                        help="only our recipe with AdamW(fused=True) (benchmarks/_fused_finetune.py), against the "
-                             "Trainer rows of the last full run")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: one optimizer step of ours (FSDP2) and of the Trainer's DDP under torch.profiler")
     args = parser.parse_args(argv)
-    if args.fused_adamw:
-        return fused_adamw(args)
+    if args.profile:
+        return profile(args)
     models = ["tiny"] if args.smoke else args.models.split(",")
-    rows, ratios, plot_groups, failures = [], [], [], []
-    series = {"ours (FSDP2, 2 ranks)": [], "HF Trainer (2 procs)": [], "plain loop (1 proc)": []}
-    for model in models:
-        s = SMOKE if args.smoke else SETTINGS[model]
-        print(f"train_compare: {model} {s}", flush=True)
-        if args.smoke:  # one process each, in this process: checks the routes run, measures nothing
-            results = {"ours": run_ours(model, s, nproc=0), "trainer": run_peer("trainer", model, s, inprocess=True),
-                       "plain": run_peer("plain", model, s, inprocess=True)}
-        else:
+    result = None
+    for model in models:  # one section (and one plot) per model: each is a command under 5 minutes
+        result = compare(args, model)
+    return result
+
+
+def compare(args, model: str) -> dict:
+    s = SMOKE if args.smoke else SETTINGS[model]
+    print(f"train_compare: {model} {s}", flush=True)
+    failures = []
+    if args.smoke:  # one process each, in this process: checks the routes run, measures nothing
+        results = {"ours": run_ours(model, s, nproc=0), "trainer": run_peer("trainer", model, s, inprocess=True),
+                   "plain": run_peer("plain", model, s, inprocess=True)}
+    else:
+        results = {"ours": retry(run_ours, model, s), "trainer": retry(run_peer, "trainer", model, s),
+                   "plain": retry(run_peer, "plain", model, s, False, 1)}
+        if model == "tiny":  # reference: the same loop on both cores (see the notes)
             try:
-                results = {"ours": retry(run_ours, model, s), "trainer": retry(run_peer, "trainer", model, s),
-                           "plain": retry(run_peer, "plain", model, s)}
-                if model == "tiny":  # reference: the same loop on one thread (see the notes)
-                    results["plain, 1 thread"] = retry(run_peer, "plain", model, s, False, 1)
-            except RuntimeError as err:  # keep the other model's rows
-                failures.append(f"{model}: {str(err).splitlines()[0]} ... {str(err).splitlines()[-1]}")
-                continue
-        for route, r in results.items():
-            rows.append({"model": model, "route": route, "parallelism": r["parallelism"],
-                         "tokens/s": r["tokens_per_s"], "supervised tokens/s": r["supervised_tokens_per_s"],
-                         "steps timed": r["steps_timed"],
-                         "peak RSS per process (MiB)": " / ".join(f"{m / 2**20:.0f}" for m in r["peak_memory_bytes_per_rank"])})
-        ours, trainer, plain = results["ours"], results["trainer"], results["plain"]
-        r_tr = ours["tokens_per_s"] / trainer["tokens_per_s"]
-        ratios.append(C.ratio(f"{model}: ours / Trainer tokens/s", r_tr, ">= 1.0x", r_tr >= 1.0))
-        r_sup = ours["supervised_tokens_per_s"] / trainer["supervised_tokens_per_s"]
-        ratios.append(C.ratio(f"{model}: ours / Trainer supervised tokens/s", r_sup, None, None,
-                              "same batches up to shuffle order"))
-        ratios.append(C.ratio(f"{model}: ours / plain 1-process loop tokens/s", ours["tokens_per_s"] / plain["tokens_per_s"]))
-        plot_groups.append(model)
-        for key, r in zip(series, (ours, trainer, plain)):
-            series[key].append(r["tokens_per_s"])
-        save(args, models, rows, ratios, plot_groups, series, failures)
-    return save(args, models, rows, ratios, plot_groups, series, failures)
-
-
-def fused_adamw(args):
-    """The recipe with fused AdamW (the fix proposed for finetune.py), compared with the last full run's rows."""
-    import json
-
-    previous = json.loads((C.RESULTS_DIR / "train_compare.json").read_text())
+                results["plain, 2 threads"] = run_peer("plain", model, s, False, 2)
+            except RuntimeError as err:
+                failures.append(f"plain, 2 threads: {str(err).splitlines()[0]}")
     rows, ratios = [], []
-    for model in args.models.split(","):
-        base = {r["route"]: r for r in previous["rows"] if r["model"] == model}
-        if "trainer" not in base:
-            continue
-        r = retry(run_ours, model, SETTINGS[model], 2, "benchmarks._fused_finetune")
-        rows.append({"model": model, "route": "ours + AdamW(fused=True)", "tokens/s": r["tokens_per_s"],
-                     "supervised tokens/s": r["supervised_tokens_per_s"], "steps timed": r["steps_timed"],
+    for route, r in results.items():
+        rows.append({"model": model, "route": route, "parallelism": r["parallelism"],
+                     "tokens/s": r["tokens_per_s"], "supervised tokens/s": r["supervised_tokens_per_s"],
+                     "steps timed": r["steps_timed"],
                      "peak RSS per process (MiB)": " / ".join(f"{m / 2**20:.0f}" for m in r["peak_memory_bytes_per_rank"])})
-        for route in ("ours", "trainer"):
-            rows.append({"model": model, "route": f"{route} (from {previous['date']})", "tokens/s": base[route]["tokens/s"],
-                         "supervised tokens/s": base[route]["supervised tokens/s"]})
-        ratios.append(C.ratio(f"{model}: ours+fused / Trainer tokens/s (Trainer from the run before)",
-                              r["tokens_per_s"] / base["trainer"]["tokens/s"], ">= 1.0x", r["tokens_per_s"] / base["trainer"]["tokens/s"] >= 1.0,
-                              "two invocations minutes apart: noisier than the same-run ratios"))
-        ratios.append(C.ratio(f"{model}: ours+fused / ours tokens/s", r["tokens_per_s"] / base["ours"]["tokens/s"]))
-    notes = ["The Trainer's default optimizer is `adamw_torch_fused` (TrainingArguments.optim); the recipe calls "
-             "`torch.optim.AdamW(...)` without `fused`, which on CPU is PyTorch's per-parameter loop. This run patches "
-             "`torch.optim.AdamW` to default to fused=True and runs the unchanged recipe (benchmarks/_fused_finetune.py); "
-             "losses match the default optimizer's to float rounding."]
-    return C.save_result("train_fused", "1b. Training throughput with the fix: recipe + fused AdamW", C.command_line(),
-                         {m: ", ".join(f"{k}={v}" for k, v in SETTINGS[m].items()) for m in args.models.split(",")},
-                         rows, ratios, notes, False)
+    ours, trainer, plain = results["ours"], results["trainer"], results["plain"]
+    r_tr = ours["tokens_per_s"] / trainer["tokens_per_s"]
+    ratios.append(C.ratio(f"{model}: ours / Trainer tokens/s", r_tr, ">= 1.0x", None if args.smoke else r_tr >= 1.0))
+    r_sup = ours["supervised_tokens_per_s"] / trainer["supervised_tokens_per_s"]
+    ratios.append(C.ratio(f"{model}: ours / Trainer supervised tokens/s", r_sup, None, None,
+                          "same batches up to shuffle order"))
+    ratios.append(C.ratio(f"{model}: ours / plain 1-process loop tokens/s", ours["tokens_per_s"] / plain["tokens_per_s"]))
+    return save(args, model, s, results, rows, ratios, failures)
+
+
+PROFILE = {"tiny": dict(seq=128, micro=4, accum=2, steps=3, lr=3e-3), "smollm2": dict(seq=128, micro=1, accum=2, steps=2, lr=2e-5)}
+
+
+def profile(args):
+    """Where a step's time goes, ours against the Trainer's wrapping: _peer_worker.py --route profile-fsdp / -ddp
+    under torchrun (2 ranks, 1 thread each), the same micro-batches, rank 0's profile of the last step."""
+    from recipes_core.distributed import _free_port
+
+    models = ["tiny"] if args.smoke else args.models.split(",")
+    rows, ratios, notes = [], [], []
+    for model in models:
+        s = dict(PROFILE[model], steps=2) if args.smoke else PROFILE[model]
+        walls = {}
+        for impl in ("fsdp", "fsdp-noreshard", "ddp"):
+            out = C.RUNS / f"train_profile_{model}_{impl}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+                   str(C.BENCH / "_peer_worker.py"), "--route", f"profile-{impl}", "--model-dir", str(C.model_dir(model)),
+                   "--out", str(out), "--steps", str(s["steps"]), "--micro", str(s["micro"]), "--accum", str(s["accum"]),
+                   "--seq", str(s["seq"]), "--lr", str(s["lr"])]
+            C.run_cmd(cmd, threads=1)
+            r = json.loads(out.read_text())
+            folder = C.RESULTS_DIR / ("smoke" if args.smoke else "")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"train_profile_{model}_{impl}.txt").write_text(f"one profiled step, rank 0: {r['wall_s']:.3f} s\n{r['table']}")
+            walls[impl] = r["wall_s"]
+            route = {"fsdp": "ours: FSDP2 (build_sharded_model, token_loss_sum)",
+                     "fsdp-noreshard": "ours with shard_model(reshard_after_forward=False)",
+                     "ddp": "Trainer's wrapping: DDP, model(**batch).loss"}[impl]
+            rows.append({"model": model, "route": route, "profiled step (s)": r["wall_s"],
+                         "matmul + attention share": r["shares"]["matmul + attention kernels"],
+                         "collectives share (incl. waits)": r["shares"]["collectives (incl. waits)"],
+                         "optimizer step (s)": r["optimizer_s"], "collective ops": r["collective_calls"]})
+            notes.append(f"{model}, {impl}: top ops by self CPU time: " + "; ".join(
+                f"`{t['op']}` {100 * t['share']:.1f}% ({t['calls']} calls)" for t in r["top"][:6]) +
+                f". Full table: results/train_profile_{model}_{impl}.txt.")
+        ratios.append(C.ratio(f"{model}: profiled step time ours (FSDP2) / DDP", walls["fsdp"] / walls["ddp"], None, None,
+                              "lower is faster; one step each"))
+        ratios.append(C.ratio(f"{model}: profiled step time ours with reshard_after_forward=False / DDP",
+                              walls["fsdp-noreshard"] / walls["ddp"], None, None, "half the all-gathers, full parameters in backward"))
+    notes.insert(0, "Settings: " + "; ".join(f"{m}: seq={PROFILE[m]['seq']}, micro={PROFILE[m]['micro']}, accum={PROFILE[m]['accum']}, "
+                                            f"profiled step {PROFILE[m]['steps']} (after {PROFILE[m]['steps'] - 1} warm-up)" for m in models)
+                 + ". Self CPU time on rank 0 (both ranks do the same work); collectives = gloo all-gather, reduce-scatter, "
+                 "all-reduce and broadcast ops and the waits on them, FSDP's own record_function labels included.")
+    return C.save_result("train_profile", "1b. Where a training step's time goes: ours (FSDP2) vs the Trainer's DDP (profiled)",
+                         C.command_line(), {}, rows, ratios, notes, args.smoke)
 
 
 def retry(fn, *args):
@@ -162,32 +181,31 @@ def retry(fn, *args):
         return fn(*args)
 
 
-def save(args, models, rows, ratios, plot_groups, series, failures):
-    # Tokens/s of the tiny and SmolLM2 models differ by 100x: plot each route relative to the Trainer.
-    rel = {k: [v / t for v, t in zip(vals, series["HF Trainer (2 procs)"])] for k, vals in series.items()}
-    plot = C.bar_plot(C.plot_path("train_compare", args.smoke), "Training tokens/s relative to HF Trainer (same run)",
-                      plot_groups, rel, "tokens/s / Trainer's", target_line=1.0)
-    settings = {m: ("smoke " if args.smoke else "") + ", ".join(f"{k}={v}" for k, v in (SMOKE if args.smoke else SETTINGS[m]).items())
-                for m in models}
-    settings["global batch"] = "micro x accum x 2 ranks (plain loop: micro x 2*accum)"
+def save(args, model, s, results, rows, ratios, failures):
+    plot = C.bar_plot(C.plot_path(f"train_compare_{model}", args.smoke), f"Training tokens/s, {model} (same run)",
+                      [model], {route: [r["tokens_per_s"]] for route, r in results.items()}, "tokens / s")
+    settings = {model: ("smoke " if args.smoke else "") + ", ".join(f"{k}={v}" for k, v in s.items()),
+                "global batch": "micro x accum x 2 ranks (plain loop: micro x 2*accum)",
+                "optimizer": "AdamW fused=True in all routes (the recipe's; the Trainer's default adamw_torch_fused)"}
     notes = [
-        "Our recipe is `recipes_core.finetune` itself (FSDP2 `fully_shard` per decoder layer, gloo); its step "
+        "Our recipe is `recipes_core.finetune` itself, launched with `recipes_core.distributed.launch_command` as "
+        "users of the notebooks do (FSDP2 `fully_shard` per decoder layer, gloo, MALLOC_MMAP_THRESHOLD_ set); its step "
         "time and tokens come from its own metrics.jsonl.",
         "The Trainer under torchrun on CPU uses **DistributedDataParallel over gloo** (the parallelism column is "
         "read from `trainer.model_wrapped` in the run), with its default `ddp_find_unused_parameters=True`, i.e. what a "
         "user gets without extra flags. It is timed from `on_step_begin` to `on_step_end`, which leaves out its "
-        "batch fetch and token count (our timer includes our token-count all-reduce): a small bias in the Trainer's favour.",
+        "batch fetch and token count (our timer includes our token-count all-reduces): a small bias in the Trainer's favour.",
         "Peak RSS per process is `ru_maxrss` of each process, the same method for every route; it includes the "
         "~450 MiB of imported libraries, and for our rank 0 the full state dict it reads and broadcasts at load time.",
-        "DDP keeps full parameters, gradients and AdamW states on every rank; FSDP keeps 1/N of each but "
-        "all-gathers each layer in forward and backward and reduce-scatters gradients: on 2 CPU ranks with "
-        "1 thread each, gloo collectives are copies through shared memory that compete for the same 2 cores.",
-        "The plain loop gets the same 2-thread budget as one process. On this shared machine (load average 6-7 "
-        "from other engineers' test runs) a 2-thread OpenMP process suffers most: its threads meet at a barrier "
-        "in every op, and whenever one is descheduled the other waits, so its step times swing by 10-40x. "
-        "The `plain, 1 thread` row (tiny only) is the same loop with one thread, for reference.",
+        "DDP keeps full parameters, gradients and AdamW states on every rank and sends one bucketed all-reduce per "
+        "step, overlapped with backward; FSDP keeps 1/N of each but all-gathers each layer in forward and backward and "
+        "reduce-scatters gradients: on 2 CPU ranks with 1 thread each, gloo collectives are copies through shared "
+        "memory, and each one waits until both ranks are on a core (section 1b counts them).",
+        "The plain loop is one process with 1 thread (the other core idle). With other jobs on the 2 cores (load average "
+        "6-7), a 2-thread OpenMP process waits at every op's barrier for a descheduled thread, and its step times swing "
+        "by 10-40x; the `plain, 2 threads` row (tiny only) shows it.",
     ] + [f"FAILED: {f}" for f in failures]
-    return C.save_result("train_compare", "1. Training throughput: FSDP2 recipe vs HF Trainer vs plain loop",
+    return C.save_result(f"train_compare_{model}", f"1. Training throughput, {model}: FSDP2 recipe vs HF Trainer vs plain loop",
                          C.command_line(), settings, rows, ratios, notes, args.smoke, plot)
 
 

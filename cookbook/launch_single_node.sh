@@ -21,6 +21,11 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   export OMP_NUM_THREADS=$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))
 fi
 export TOKENIZERS_PARALLELISM=false
+# glibc malloc: allocations above 128 KiB get their own mapping and go back to the OS when freed. With
+# glibc's default (a threshold that grows to 32 MiB after large frees) FSDP's freed per-layer all-gather
+# buffers stay resident in malloc's arenas, and on CPU the per-rank memory hardly falls with more ranks
+# (benchmarks/RESULTS.md, memory scaling). An allocator setting, not an FSDP one; ignored on CUDA memory.
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
   -m recipes_core.finetune --config "$CONFIG" "$@"

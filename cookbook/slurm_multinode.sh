@@ -25,6 +25,9 @@ PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # stage models and data on shared storage beforehand
+# glibc malloc: allocations above 128 KiB go back to the OS when freed, so on CPU nodes FSDP's freed
+# all-gather buffers do not stay resident in malloc's arenas (an allocator setting; see launch_single_node.sh).
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 # NCCL over InfiniBand: uncomment and set for your fabric if the defaults pick the wrong interface.
 # export NCCL_SOCKET_IFNAME=ib0 NCCL_IB_HCA=mlx5
 

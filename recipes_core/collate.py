@@ -31,38 +31,90 @@ def pad_collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
             "attention_mask": torch.tensor(attention_mask)}
 
 
-def pack_examples(examples: list[dict], block_size: int, pad_token_id: int) -> list[dict]:
-    """Greedy first-fit in order: an example that does not fit in the current block starts the next.
-    Examples longer than the block are an error (truncate them first with max_seq_len)."""
-    blocks: list[dict] = []
-    current = {"input_ids": [], "labels": [], "position_ids": [], "sample_lengths": []}
+PACKING_STRATEGIES = ("first_fit_decreasing", "in_order")
 
-    def close():
-        n_pad = block_size - len(current["input_ids"])
-        if n_pad:
-            # The pad tail is its own "sample": positions restart, labels ignored.
-            current["input_ids"] += [pad_token_id] * n_pad
-            current["labels"] += [IGNORE_INDEX] * n_pad
-            current["position_ids"] += list(range(n_pad))
-        blocks.append(current)
 
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
+def pack_examples(examples: list[dict], block_size: int, pad_token_id: int,
+                  strategy: str = "first_fit_decreasing") -> list[dict]:
+    """Examples laid end to end in blocks of block_size tokens; every example lands whole in exactly one
+    block (none is split or dropped). Examples longer than the block are an error (truncate them first
+    with max_seq_len).
+
+    strategy="first_fit_decreasing" (the default): examples sorted by length, longest first (ties in
+    data order), each put into the first block with room for it. Long examples open the blocks and short
+    ones fill the gaps they leave, so fewer blocks carry less padding: on Alpaca-like lengths 93% of the
+    tokens are the examples', against 80% for in order (benchmarks/RESULTS.md, packing).
+    strategy="in_order": greedy in data order; an example that does not fit starts the next block.
+    Both are deterministic. The training sampler shuffles the blocks, so their order does not matter."""
+    if strategy not in PACKING_STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: expected one of {PACKING_STRATEGIES}")
+    lengths = [len(e["input_ids"]) for e in examples]
+    for i, n in enumerate(lengths):
         if n > block_size:
             raise ValueError(f"example {i} has {n} tokens, more than block_size={block_size}; "
                              "set max_seq_len <= block_size")
-        if len(current["input_ids"]) + n > block_size:
-            close()
-            current = {"input_ids": [], "labels": [], "position_ids": [], "sample_lengths": []}
+    if strategy == "in_order":
+        groups: list[list[int]] = []
+        used = block_size  # no open block yet
+        for i, n in enumerate(lengths):
+            if used + n > block_size:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += n
+    else:
+        groups = _first_fit_decreasing(lengths, block_size)
+    return [_block([examples[i] for i in group], block_size, pad_token_id) for group in groups]
+
+
+def _first_fit_decreasing(lengths: list[int], block_size: int) -> list[list[int]]:
+    """Indices of the examples of each block. The first block with room for n tokens is found in
+    O(log blocks) with a max-tree over the blocks' free space, so 50k examples pack in well under a second."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    size = 1
+    while size < max(1, len(lengths)):
+        size *= 2
+    free = [0] * (2 * size)  # leaves: free tokens of block j (block_size once opened, 0 before)
+    groups: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if free[1] >= n:  # some open block has room: descend to the leftmost one
+            node = 1
+            while node < size:
+                node = 2 * node if free[2 * node] >= n else 2 * node + 1
+            j = node - size
+        else:  # open a new block
+            j = len(groups)
+            groups.append([])
+            node = j + size
+            free[node] = block_size
+        groups[j].append(i)
+        free[node] -= n
+        node //= 2
+        while node:
+            free[node] = max(free[2 * node], free[2 * node + 1])
+            node //= 2
+    return groups
+
+
+def _block(members: list[dict], block_size: int, pad_token_id: int) -> dict:
+    """One packed block: the examples end to end, position ids restarting per example, the first label
+    of each example ignored, then a pad tail that is its own 'sample' (positions restart, labels ignored)."""
+    block = {"input_ids": [], "labels": [], "position_ids": [], "sample_lengths": []}
+    for e in members:
+        n = len(e["input_ids"])
         labels = list(e["labels"])
         labels[0] = IGNORE_INDEX  # the previous sample's last token must not learn to predict this one
-        current["input_ids"] += list(e["input_ids"])
-        current["labels"] += labels
-        current["position_ids"] += list(range(n))
-        current["sample_lengths"].append(n)
-    if current["input_ids"]:
-        close()
-    return blocks
+        block["input_ids"] += list(e["input_ids"])
+        block["labels"] += labels
+        block["position_ids"] += list(range(n))
+        block["sample_lengths"].append(n)
+    n_pad = block_size - len(block["input_ids"])
+    if n_pad:
+        block["input_ids"] += [pad_token_id] * n_pad
+        block["labels"] += [IGNORE_INDEX] * n_pad
+        block["position_ids"] += list(range(n_pad))
+    return block
 
 
 def block_diagonal_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
