@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -74,7 +75,8 @@ def flops_per_token(folder: Path, seq: int) -> tuple[float, int]:
 def run_ours(folder: Path, out: Path, args) -> dict:
     extra = ["model.source=hf", f"model.path={folder}", "data.packing=true", f"data.max_seq_len={args.seq}",
              f"data.max_train_examples={args.examples}", f"train.micro_batch_size={args.micro}",
-             "train.grad_accum_steps=1", "train.lr=1e-4", "train.warmup_steps=0"]
+             "train.grad_accum_steps=1", "train.lr=1e-4", "train.warmup_steps=0",
+             f"log.profile_steps={args.profile_steps}"]
     C.run_cmd(C.torchrun(1, "recipes_core.finetune", C.finetune_overrides(out, args.steps, extra)), args.threads)
     start, records = C.read_finetune_metrics(out)
     result = C.steady_throughput(records, skip=args.skip)
@@ -93,8 +95,8 @@ def run_trainer_worker(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     for name in ("--model-dir", "--out"):
         p.add_argument(name, required=True)
-    for name in ("--steps", "--micro", "--seq", "--examples"):
-        p.add_argument(name, type=int, required=True)
+    for name in ("--steps", "--micro", "--seq", "--examples", "--profile-steps"):
+        p.add_argument(name, type=int, default=0)
     args = p.parse_args(argv)
     args.packing = True
     cuda = torch.cuda.is_available()
@@ -123,8 +125,20 @@ def run_trainer_worker(argv: list[str]) -> None:
         bf16=cuda, optim="adamw_torch_fused", use_cpu=not cuda, save_strategy="no", eval_strategy="no",
         report_to="none", logging_steps=10**6, disable_tqdm=True, dataloader_drop_last=True,
         remove_unused_columns=False, dataloader_num_workers=0, seed=42)
+    callbacks = [StepTimer()]
+    if args.profile_steps:  # the recipe's StepProfiler, stepped by a callback: the same steps recorded
+        from recipes_core.profiling import StepProfiler
+
+        profiler = StepProfiler(args.profile_steps, Path(args.out).parent / "trainer_profile", 0,
+                                torch.device("cuda" if cuda else "cpu"))
+
+        class ProfilerStep(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                profiler.step()
+
+        callbacks.append(ProfilerStep())
     trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(examples),
-                      data_collator=counting, callbacks=[StepTimer()])
+                      data_collator=counting, callbacks=callbacks)
     trainer.train()
     peak = torch.cuda.max_memory_allocated() if cuda else C.max_rss_bytes()
     rows = [{"kind": "train", "step": i + 1, "step_time_s": t, "tokens": counting.counts[i][0],
@@ -135,7 +149,7 @@ def run_trainer_worker(argv: list[str]) -> None:
 def run_trainer(folder: Path, out: Path, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "trainer", "--model-dir", str(folder),
            "--out", str(out), "--steps", str(args.steps), "--micro", str(args.micro), "--seq", str(args.seq),
-           "--examples", str(args.examples)]
+           "--examples", str(args.examples), "--profile-steps", str(args.profile_steps)]
     C.run_cmd(cmd, args.threads)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     result = C.steady_throughput([r for r in records if r["kind"] == "train"], skip=args.skip)
@@ -155,6 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip", type=int, default=2)
     parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="record this many steps of both routes with torch.profiler into --profile-dir "
+                             "(a profile run writes no results: the profiler slows the steps it records)")
+    parser.add_argument("--profile-dir", default="runs/bench/cuda_profile")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.smoke:
@@ -180,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"model shape": shape, "params": n_params, "route": route, "precision": r["precision"],
                              "tokens/s": r["tokens_per_s"], "MFU (measured peak)": fpt * r["tokens_per_s"] / measured_peak,
                              "steps timed": r["steps_timed"], "peak memory (GiB)": r["peak_memory_gib"]})
+            if args.profile_steps:  # keep the operator tables (the traces are large; they stay in tmp)
+                keep = Path(args.profile_dir)
+                keep.mkdir(parents=True, exist_ok=True)
+                for route, folder in (("ours", tmp / f"{shape}_ours" / "profile"), ("trainer", tmp / "trainer_profile")):
+                    shutil.copy(folder / "rank0_ops.txt", keep / f"{shape}_{route}_ops.txt")
+                shutil.rmtree(tmp / "trainer_profile")
             ours, trainer = results["ours"], results["trainer"]
             speed = ours["tokens_per_s"] / trainer["tokens_per_s"]
             ratios.append(C.ratio(f"{shape}: ours / Trainer tokens/s (1 GPU)", speed, ">= 1.0x", speed >= 1.0))
@@ -193,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
              "timed from on_step_begin to on_step_end with a CUDA synchronize at each end.",
              "Both routes see the same packed blocks (4-D block-diagonal masks through SDPA), so the attention "
              "kernel is the same; peak memory is torch.cuda.max_memory_allocated of each process."]
+    if args.profile_steps:  # the profiler slows the steps it records: such a run is not a result
+        print(f"profile run: operator tables in {args.profile_dir}; results/cuda_train_compare.json left alone")
+        return
     name = "cuda_train_compare"
     result = C.save_result(name, "7. On a GPU: FSDP2 recipe (bf16) vs HF Trainer (bf16) on one GPU",
                            C.command_line(), settings, rows, ratios, notes, args.smoke)

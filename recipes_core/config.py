@@ -97,6 +97,7 @@ class LogConfig:
     log_every: int = 1  # optimizer steps between metric lines
     tensorboard: bool = True  # used only when the tensorboard package is installed
     peak_flops: float = 0.0  # per device, for MFU; 0 = a known GPU peak, or a short matmul benchmark
+    profile_steps: int = 0  # optimizer steps to record with torch.profiler after 2 warm-up steps; 0 = off
 
 
 @dataclass

@@ -40,6 +40,7 @@ from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
 from recipes_core.preprocess import tokenize_records
+from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
 
 
@@ -246,6 +247,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
                 "peak_flops_source": peak_source, "total_steps": total_steps,
                 "setup_s": time.perf_counter() - started})
     progress = None
+    profiler = StepProfiler(cfg.log.profile_steps, out, env.rank, env.device)  # log.profile_steps > 0 only
     if env.is_main and cfg.log.progress_bar:
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
@@ -287,6 +289,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
+        profiler.step()
         faults.at_step(state["step"], env.rank, out)  # test-only: RECIPES_FAULT_KILL_AT_STEP
         state["batch_in_epoch"] += accum
 
@@ -324,6 +327,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         logger.log({"kind": "eval", **eval_results[-1]})
     if (cfg.checkpoint.save_final or stop_at < total_steps) and last_saved[0] != state["step"]:
         save()
+    profiler.close()
     if progress is not None:
         progress.close()
     summary = {"kind": "summary", "step": state["step"], "losses": losses, "evals": eval_results,
