@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.profile_steps:  # keep the operator tables (the traces are large; they stay in tmp)
                 keep = Path(args.profile_dir)
                 keep.mkdir(parents=True, exist_ok=True)
-                for route, folder in (("ours", tmp / f"{shape}_ours" / "profile"), ("trainer", tmp / "trainer_profile")):
+                for route, folder in (("ours", tmp / f"{shape}_ours" / "profile"), ("trainer", tmp / "trainer_profile" / "profile")):
                     shutil.copy(folder / "rank0_ops.txt", keep / f"{shape}_{route}_ops.txt")
                 shutil.rmtree(tmp / "trainer_profile")
             ours, trainer = results["ours"], results["trainer"]
