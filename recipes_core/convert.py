@@ -127,7 +127,9 @@ def _load_full_model(ckpt_dir: Path, params: dict) -> PreTrainedModel:
     saved = saved_model_entries(ckpt_dir)
     dtype = next(iter(saved.values())).properties.dtype
     model = build_model_from_config(params["model_config"], device="meta", dtype=dtype).eval()
-    tied = model.config.tie_word_embeddings and "lm_head.weight" not in saved
+    # Tied: lm_head is the embedding (FSDP's state dict may list both names for the one tensor); read the
+    # embedding only, as from_pretrained would, so the folder stores one copy and stays tied.
+    tied = bool(model.config.tie_word_embeddings)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(saved))
     if missing:

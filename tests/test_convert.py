@@ -51,6 +51,12 @@ def test_round_trip_tied_embeddings(tiny_models, instruct_tokenizer, tmp_path):
     assert result.max_abs_diff <= 1e-5
     converted = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert converted.lm_head.weight.data_ptr() == converted.model.embed_tokens.weight.data_ptr()
+    # One copy on disk: the checkpoint lists lm_head.weight too (state_dict names both), the folder must not.
+    from safetensors import safe_open
+
+    assert "lm_head.weight" in model.state_dict()
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())
     _same_weights(converted, model)
 
 
