@@ -263,8 +263,12 @@ machine, at the same settings**, and states the result as a ratio. Absolute numb
 2-core machine move with whatever else runs (other engineers' test suites ran during these runs; the
 load average is given per benchmark), so read the ratios, not the absolute tokens/s.
 
-Thread budget: the machine has 2 cores. A 2-rank run gives each rank `OMP_NUM_THREADS=1`; a
-single-process peer gets `OMP_NUM_THREADS=2`; so every route uses the same 2 threads in total.
+Thread budget: the machine has 2 cores. A 2-rank run gives each rank `OMP_NUM_THREADS=1`. Single-process
+routes (the plain loop, MFU, inference) run 1 thread: with other jobs on the cores, a 2-thread process
+waits at every op's OpenMP barrier for a descheduled thread (the tiny plain loop ran 30x slower on 2
+threads than on 1, back to back; section 1 keeps that row), which would measure the neighbours. The
+launchers' allocator setting (`MALLOC_MMAP_THRESHOLD_`, section 6) is on in our multi-rank runs, as users
+get it; section 1 also runs our recipe without it.
 Nothing touches the Hugging Face Hub (`HF_HUB_OFFLINE=1`); SmolLM2-135M-Instruct comes from the GGUF
 file (`make smollm2`), converted once by `recipes_core.models.gguf_to_hf` into
 `runs/cache/smollm2-135m-instruct-hf`.
@@ -277,9 +281,13 @@ smoke results go to `benchmarks/results/smoke/` and never into this file.
 
 def write_results_md() -> Path:
     results = {}
+    timings = {}
     for path in RESULTS_DIR.glob("*.json"):
         data = json.loads(path.read_text(encoding="utf-8"))
-        results[data["name"]] = data
+        if path.stem == "run_all_timings":
+            timings = data
+        elif isinstance(data, dict) and "name" in data and "title" in data:
+            results[data["name"]] = data
     names = [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER))
     lines = [RESULTS_HEADER]
     if names:
@@ -290,6 +298,9 @@ def write_results_md() -> Path:
                 "target": r["target"] or "-", "met": {True: "yes", False: "**no**", None: "-"}[r["met"]]}
                for n in names for r in results[n]["ratios"]]
     lines += ["## Summary", ""] + markdown_table(summary) + [""]
+    if timings:
+        lines += ["Seconds per command in the last `run_all.py` (budget: 5 minutes each): " +
+                  ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()) + ".", ""]
     for n in names:
         data = results[n]
         lines += [f"## {data['title']}", "", f"Command: `{data['command']}`  ", f"Run: {data['date']}; {data['machine']}.", ""]

@@ -114,7 +114,9 @@ def main(argv=None):
     for name, seconds in timings.items():
         print(f"{name:30s} {seconds:6.0f} s{'  (over the 5-minute budget)' if seconds > 300 else ''}")
     (C.RESULTS_DIR / ("smoke" if args.smoke else "")).mkdir(parents=True, exist_ok=True)
-    (C.RESULTS_DIR / ("smoke" if args.smoke else "") / "run_all_timings.json").write_text(json.dumps(timings, indent=1))
+    timings_file = C.RESULTS_DIR / ("smoke" if args.smoke else "") / "run_all_timings.json"
+    previous = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    timings_file.write_text(json.dumps({**previous, **timings}, indent=1))  # --only updates its entries
     if not args.smoke:
         print(f"wrote {C.write_results_md()}")
 

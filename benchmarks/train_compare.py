@@ -29,14 +29,14 @@ SETTINGS = {  # per model: sequence length, micro-batch per rank, accumulation (
 SMOKE = dict(seq=64, micro=2, accum=1, steps=2, skip=1, lr=3e-3, examples=32)
 
 
-def run_ours(model: str, s: dict, nproc: int = 2, module: str = "recipes_core.finetune") -> dict:
-    out = C.RUNS / f"train_finetune_{model}_{nproc}"
+def run_ours(model: str, s: dict, nproc: int = 2, module: str = "recipes_core.finetune", malloc_env: bool = True) -> dict:
+    out = C.RUNS / f"train_finetune_{model}_{nproc}{'' if malloc_env else '_glibc'}"
     extra = [f"model.source=hf", f"model.path={C.model_dir(model)}", f"data.max_seq_len={s['seq']}",
              f"train.micro_batch_size={s['micro']}", f"train.grad_accum_steps={s['accum']}", f"train.lr={s['lr']}",
              "train.warmup_steps=0", "train.lr_schedule=cosine", "train.seed=42",
              f"data.max_train_examples={s.get('examples', 0)}", *s.get("extra", [])]
     if nproc:
-        C.run_cmd(C.torchrun(nproc, module, C.finetune_overrides(out, s["steps"], extra)), threads=1)
+        C.run_cmd(C.torchrun(nproc, module, C.finetune_overrides(out, s["steps"], extra), malloc_env), threads=1)
         start, steps = C.read_finetune_metrics(out)
     else:  # smoke: one process, in this process
         start, steps = C.finetune_inprocess(out, s["steps"], extra)
@@ -102,7 +102,8 @@ def compare(args, model: str) -> dict:
                    "plain": run_peer("plain", model, s, inprocess=True)}
     else:
         results = {"ours": retry(run_ours, model, s), "trainer": retry(run_peer, "trainer", model, s),
-                   "plain": retry(run_peer, "plain", model, s, False, 1)}
+                   "plain": retry(run_peer, "plain", model, s, False, 1),
+                   "ours, glibc malloc defaults": retry(run_ours, model, s, 2, "recipes_core.finetune", False)}
         if model == "tiny":  # reference: the same loop on both cores (see the notes)
             try:
                 results["plain, 2 threads"] = run_peer("plain", model, s, False, 2)
@@ -121,6 +122,13 @@ def compare(args, model: str) -> dict:
     ratios.append(C.ratio(f"{model}: ours / Trainer supervised tokens/s", r_sup, None, None,
                           "same batches up to shuffle order"))
     ratios.append(C.ratio(f"{model}: ours / plain 1-process loop tokens/s", ours["tokens_per_s"] / plain["tokens_per_s"]))
+    if "ours, glibc malloc defaults" in results:
+        glibc = results["ours, glibc malloc defaults"]
+        r_gl = glibc["tokens_per_s"] / trainer["tokens_per_s"]
+        ratios.append(C.ratio(f"{model}: ours with glibc malloc defaults / Trainer tokens/s", r_gl, ">= 1.0x", r_gl >= 1.0,
+                              "without the launchers' MALLOC_MMAP_THRESHOLD_ (faster, more resident memory)"))
+        ratios.append(C.ratio(f"{model}: ours / ours with glibc malloc defaults tokens/s", ours["tokens_per_s"] / glibc["tokens_per_s"],
+                              None, None, "the allocator setting's cost in speed"))
     return save(args, model, s, results, rows, ratios, failures)
 
 
@@ -137,7 +145,7 @@ def profile(args):
     for model in models:
         s = dict(PROFILE[model], steps=2) if args.smoke else PROFILE[model]
         walls = {}
-        for impl in ("fsdp", "fsdp-noreshard", "ddp"):
+        for impl in ("fsdp", "fsdp-noreshard", "ddp") if model == "tiny" else ("fsdp", "ddp"):
             out = C.RUNS / f"train_profile_{model}_{impl}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
@@ -162,8 +170,9 @@ def profile(args):
                 f". Full table: results/train_profile_{model}_{impl}.txt.")
         ratios.append(C.ratio(f"{model}: profiled step time ours (FSDP2) / DDP", walls["fsdp"] / walls["ddp"], None, None,
                               "lower is faster; one step each"))
-        ratios.append(C.ratio(f"{model}: profiled step time ours with reshard_after_forward=False / DDP",
-                              walls["fsdp-noreshard"] / walls["ddp"], None, None, "half the all-gathers, full parameters in backward"))
+        if "fsdp-noreshard" in walls:
+            ratios.append(C.ratio(f"{model}: profiled step time ours with reshard_after_forward=False / DDP",
+                                  walls["fsdp-noreshard"] / walls["ddp"], None, None, "half the all-gathers, full parameters in backward"))
     notes.insert(0, "Settings: " + "; ".join(f"{m}: seq={PROFILE[m]['seq']}, micro={PROFILE[m]['micro']}, accum={PROFILE[m]['accum']}, "
                                             f"profiled step {PROFILE[m]['steps']} (after {PROFILE[m]['steps'] - 1} warm-up)" for m in models)
                  + ". Self CPU time on rank 0 (both ranks do the same work); collectives = gloo all-gather, reduce-scatter, "
@@ -201,6 +210,9 @@ def save(args, model, s, results, rows, ratios, failures):
         "step, overlapped with backward; FSDP keeps 1/N of each but all-gathers each layer in forward and backward and "
         "reduce-scatters gradients: on 2 CPU ranks with 1 thread each, gloo collectives are copies through shared "
         "memory, and each one waits until both ranks are on a core (section 1b counts them).",
+        "`ours, glibc malloc defaults` is the same recipe launched without the MALLOC_MMAP_THRESHOLD_ that "
+        "launch_command and the cookbook launchers set: every allocation above the threshold is a fresh mapping whose "
+        "pages are faulted in and zeroed again each time, the price of giving freed memory back (section 6).",
         "The plain loop is one process with 1 thread (the other core idle). With other jobs on the 2 cores (load average "
         "6-7), a 2-thread OpenMP process waits at every op's barrier for a descheduled thread, and its step times swing "
         "by 10-40x; the `plain, 2 threads` row (tiny only) shows it.",
