@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 # (script, extra arguments, the result it writes): every command run_all.py runs, on its tiniest setting.
 SCRIPTS = [("convert_memory", [], "convert"), ("train_compare", [], "train_compare_tiny"), ("train_compare", ["--profile"], "train_profile"),
            ("packing", [], "packing"), ("mfu", [], "mfu"), ("inference", [], "inference"),
-           ("memory_scaling", [], "memory_scaling")]
+           ("memory_scaling", [], "memory_scaling"), ("cuda_train_compare", [], "cuda_train_compare")]
 
 
 @pytest.fixture(scope="module", autouse=True)
