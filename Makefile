@@ -22,7 +22,7 @@ quickstart: install
 # Notebooks run under nbval in the .venv's own kernel: outputs are compared only in cells marked
 # `# NBVAL_CHECK_OUTPUT`; every other cell must simply run (its asserts are the checks).
 test: install smollm2
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env
+	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=30
 
 # Re-execute every notebook in place so the committed outputs come from the current code.
 notebooks: install smollm2
