@@ -164,6 +164,15 @@ def run_trainer(folder: Path, out: Path, args) -> dict:
     return result
 
 
+def plot(rows: list[dict], smoke: bool) -> str:
+    """tokens/s of each route relative to the Trainer's, per model shape (1.0 = the Trainer)."""
+    shapes = list(dict.fromkeys(r["model shape"] for r in rows))
+    speed = {(r["model shape"], r["route"]): r["tokens/s"] for r in rows}
+    series = {route: [speed[shape, route] / speed[shape, "trainer"] for shape in shapes] for route in ("ours", "trainer")}
+    return C.bar_plot(C.plot_path("cuda_train_compare", smoke), "One GPU, bf16: tokens/s relative to the Trainer",
+                      shapes, series, "tokens/s / Trainer's", target_line=1.0)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["--worker", "trainer"]:
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return
     name = "cuda_train_compare"
     result = C.save_result(name, "7. On a GPU: FSDP2 recipe (bf16) vs HF Trainer (bf16) on one GPU",
-                           C.command_line(), settings, rows, ratios, notes, args.smoke)
+                           C.command_line(), settings, rows, ratios, notes, args.smoke, plot(rows, args.smoke))
     if cuda:  # common.machine() describes the CPU machine; name the GPU and its torch build
         result["machine"] = C.machine().replace("no GPU", f"1x {gpu}")
         result["versions"]["torch"] = f"{torch.__version__} (CUDA {torch.version.cuda})"

@@ -30,6 +30,7 @@ SCRIPTS = {"train_compare_tiny": ("train_compare", ["--models", "tiny"]),
            "inference": ("inference", []), "memory_scaling": ("memory_scaling", []),
            "memory_scaling_glibc_default": ("memory_scaling", ["--glibc-default"])}
 SMOKE_SKIP = {"memory_scaling_glibc_default", "train_compare_smollm2"}  # --smoke runs the same as another entry
+GPU_ONLY = {"cuda_train_compare": ("cuda_train_compare", [])}  # added where torch sees a GPU
 
 
 def run_convert(smoke: bool) -> None:
@@ -92,6 +93,10 @@ def add_issue_targets(result_file: Path, smoke: bool) -> None:
 
 
 def main(argv=None):
+    import torch
+
+    if torch.cuda.is_available():
+        SCRIPTS.update(GPU_ONLY)
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SCRIPTS), help="comma-separated names: " + ", ".join(SCRIPTS))
     args = parser.parse_args(argv)
