@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install quickstart test notebooks data tiny smollm2 bench train clean
+.PHONY: install quickstart test notebooks lab data tiny smollm2 bench train clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ notebooks: install smollm2
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 \
 		--ExecutePreprocessor.kernel_name=python3 notebooks/[0-9]*.ipynb
 	$(PY) notebooks/strip_metadata.py notebooks/[0-9]*.ipynb
+
+# Read and run the notebooks in JupyterLab (installs it into .venv the first time).
+lab: install smollm2
+	$(PY) -m pip install -q -c constraints.txt -e ".[notebooks]"
+	$(PY) -m jupyter lab notebooks/
 
 # FSDP fine-tuning on this machine (one rank per GPU, or NPROC CPU ranks):
 #   make train RECIPE=cookbook/smollm2_full.yaml NPROC=2 ARGS="train.max_steps=20"

@@ -145,7 +145,7 @@ def profile(args):
     for model in models:
         s = dict(PROFILE[model], steps=2) if args.smoke else PROFILE[model]
         walls = {}
-        for impl in ("fsdp", "fsdp-noreshard", "ddp") if model == "tiny" else ("fsdp", "ddp"):
+        for impl in ("fsdp", "fsdp-noreshard", "ddp") if model == "tiny" and not args.smoke else ("fsdp", "ddp"):
             out = C.RUNS / f"train_profile_{model}_{impl}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),

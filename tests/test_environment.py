@@ -16,7 +16,8 @@ def normalise(requirement: str) -> str:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = {normalise(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]}
+    extras = project["optional-dependencies"]
+    wanted = {normalise(r) for r in project["dependencies"] + extras["dev"] + extras["notebooks"]}
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {normalise(r) for r in pip_section if not r.startswith("-")}
@@ -30,7 +31,8 @@ def test_constraints_pin_every_dependency():
             name, version = line.split("==")
             pins[re.sub(r"[-_.]+", "-", name.lower())] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for requirement in project["dependencies"] + project["optional-dependencies"]["dev"]:
+    extras = project["optional-dependencies"]
+    for requirement in project["dependencies"] + extras["dev"] + extras["notebooks"]:
         name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ ]", requirement)[0].lower())
         assert name in pins, f"{name} is not pinned in constraints.txt"
     assert pins["torch"] == "2.13.0"
