@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# (script, extra arguments, the result it writes): every command run_all.py runs, on its tiniest setting.
-SCRIPTS = [("convert_memory", [], "convert"), ("train_compare", [], "train_compare_tiny"), ("train_compare", ["--profile"], "train_profile"),
+# (script, extra arguments, the result it writes): every script run_all.py runs, on its tiniest setting.
+# train_compare's --profile mode (two more torchrun launches, ~30 s) is left out: the script itself is covered.
+SCRIPTS = [("convert_memory", [], "convert"), ("train_compare", [], "train_compare_tiny"),
            ("packing", [], "packing"), ("mfu", [], "mfu"), ("inference", [], "inference"),
            ("memory_scaling", [], "memory_scaling"), ("cuda_train_compare", [], "cuda_train_compare")]
 
