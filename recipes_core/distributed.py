@@ -12,6 +12,8 @@ which set_model_state_dict(..., broadcast_from_rank0=True) sends tensor by tenso
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import random
 import socket
@@ -89,8 +91,38 @@ def _attempt_store() -> dist.Store:
 
 
 def teardown(env: DistEnv) -> None:
+    """Destroy the group this process created, and make sure it is really gone before the process exits.
+
+    Why more than destroy_process_group(): DTensor's caches (sharding propagation in Python and C++, the
+    redistribute planner, the mesh topology) keep specs of the sharded model alive, each holding the
+    DeviceMesh, which holds the process group. destroy_process_group() then unregisters the group but
+    cannot free it: gloo's worker threads live on and the group is freed during interpreter shutdown
+    instead, where it now and then aborts a run that had finished ("terminate called without an active
+    exception", SIGABRT, exit code -6). Clearing the caches first lets the group be freed here, with its
+    threads joined while the interpreter is whole (test_finetune.py::test_teardown_frees_the_process_group)."""
     if env.created_group and dist.is_initialized():
+        release_dtensor_caches()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def release_dtensor_caches() -> None:
+    """Empty the caches of torch.distributed that hold DTensor specs (and through them meshes and process
+    groups). They are private to PyTorch and change between versions, so this clears every functools
+    cache defined under torch.distributed plus the two caches that are not functools ones."""
+    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast_path is not None:
+        clear_fast_path()
+    try:
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+        clear_redistribute_planner_cache()
+    except ImportError:
+        pass
+    for obj in gc.get_objects():
+        if type(obj) is functools._lru_cache_wrapper and \
+                str(getattr(obj, "__module__", "")).startswith("torch.distributed"):
+            obj.cache_clear()
+    gc.collect()  # FSDP modules sit in reference cycles; free them before the group goes
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
