@@ -10,7 +10,7 @@ the question "which label?" is the question "which of these tokens is likelier n
 answers it, every example gets a prediction (generation can wander off into other words), and the result
 does not depend on sampling settings.
 
-The prompt is built by the training preprocessor itself (recipes_core.preprocess.tokenize_classification):
+The prompt is built by the training preprocessor's own functions (classification_prompt, prompt_token_ids):
 bos + prompt tokens, exactly the context in which training supervised the label word. A template
 written twice drifts; scoring a prompt the model never saw measures nothing.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, tokenize_classification
+from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, classification_prompt, prompt_token_ids
 
 
 @dataclass
@@ -53,12 +53,8 @@ def label_token_ids(tokenizer, label_words: tuple[str, ...] = CLASSIFICATION_LAB
 
 
 def prompt_ids(record: dict, tokenizer) -> list[int]:
-    """bos + prompt, as training tokenizes it: tokenize_classification's input_ids without the answer
-    (the label token and eos). The label only picks the answer, never changes the prompt."""
-    label = int(record.get("label", 0))
-    example = tokenize_classification({**record, "label": label}, tokenizer)
-    answer = tokenizer.encode(CLASSIFICATION_LABEL_WORDS[label], add_special_tokens=False) + [tokenizer.eos_token_id]
-    return example["input_ids"][:-len(answer)]
+    """bos + prompt, as training tokenizes it (tokenize_classification's input_ids before the answer)."""
+    return prompt_token_ids(tokenizer, classification_prompt(record))
 
 
 @torch.no_grad()

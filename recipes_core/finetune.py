@@ -275,13 +275,14 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         global_supervised = D.all_reduce_sum(sum(supervised_tokens(b) for b in micro_batches), env.device)
         if global_supervised.item() == 0:
             raise ValueError(f"step {state['step'] + 1}: no supervised token in the global batch; check the masks")
-        local_loss = torch.zeros((), dtype=torch.float64)
+        # Summed on the device: a .cpu() per micro-batch would make the host wait for the GPU each time.
+        local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(micro_batches):
             model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last one
             loss_sum = token_loss_sum(model, batch, env.device)
             # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
             (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
-            local_loss += loss_sum.detach().double().cpu()
+            local_loss += loss_sum.detach().double()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = scheduler.get_last_lr()[0]
@@ -294,8 +295,8 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         state["batch_in_epoch"] += accum
 
         tokens = sum(b["input_ids"].numel() for b in micro_batches)
-        totals = D.all_reduce_sum(torch.stack([local_loss, torch.tensor(float(tokens), dtype=torch.float64)]),
-                                  env.device)
+        totals = D.all_reduce_sum(torch.stack([local_loss, torch.tensor(float(tokens), dtype=torch.float64,
+                                                                        device=env.device)]), env.device)
         elapsed = time.perf_counter() - start
         loss = float(totals[0] / global_supervised.double())
         all_tokens, supervised = int(totals[1]), int(global_supervised)

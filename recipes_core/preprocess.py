@@ -38,16 +38,22 @@ def _finish(ids: list[int], labels: list[int], max_seq_len: int | None) -> dict[
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """bos (if the tokenizer has one) + the prompt's tokens: the part of an example the model reads
+    before the answer, so inference builds exactly what training saw."""
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return prefix + tokenizer.encode(prompt, add_special_tokens=False)
+
+
 def _prompt_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str,
                    max_seq_len: int | None, train_on_inputs: bool) -> dict[str, Any]:
     """bos + prompt + answer + eos, tokenized in two pieces so no token straddles the boundary."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; the answer's end cannot be supervised")
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = prefix + tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_ids = prompt_token_ids(tokenizer, prompt)
     answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     prompt_labels = list(prompt_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)
-    if prefix:
+    if tokenizer.bos_token_id is not None:
         prompt_labels[0] = IGNORE_INDEX  # nothing precedes bos, so it is never a prediction target
     return _finish(prompt_ids + answer_ids, prompt_labels + answer_ids, max_seq_len)
 
