@@ -63,35 +63,52 @@ class CountingCollate:
         return batch
 
 
-def run_trainer(args, rss_after_imports):
+def train_with_trainer(args, accum: int, lr: float, callbacks=()):
+    """The Trainer route, shared by train_compare (CPU: DDP over gloo under torchrun) and cuda_train_compare
+    (one GPU, bf16 autocast). Same settings otherwise: fused AdamW (the Trainer's default on torch >= 2.8,
+    written out), cosine schedule, clipping at 1.0, no saving, no logging. Returns the trainer, each step's
+    wall time (GPU synchronised at both ends) and each batch's (tokens, supervised tokens)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+    cuda = torch.cuda.is_available()
     examples, collate = data(args)
     counting = CountingCollate(collate)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     times = []
 
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            sync()
             self.begin = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()
             times.append(time.perf_counter() - self.begin)
 
     training_args = TrainingArguments(
         output_dir=str(Path(args.out).parent / "trainer_out"), per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=args.accum, max_steps=args.steps, learning_rate=args.lr,
-        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="cosine",
-        warmup_steps=0, use_cpu=True, save_strategy="no", eval_strategy="no", report_to="none",
-        logging_steps=10**6, disable_tqdm=True, dataloader_drop_last=True, remove_unused_columns=False,
-        dataloader_num_workers=0, seed=42, ddp_backend="gloo" if "RANK" in os.environ else None)
+        gradient_accumulation_steps=accum, max_steps=args.steps, learning_rate=lr, adam_beta1=0.9,
+        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
+        bf16=cuda, optim="adamw_torch_fused", use_cpu=not cuda, save_strategy="no", eval_strategy="no",
+        report_to="none", logging_steps=10**6, disable_tqdm=True, dataloader_drop_last=True,
+        remove_unused_columns=False, dataloader_num_workers=0, seed=42,
+        ddp_backend="gloo" if "RANK" in os.environ and not cuda else None)
     trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(examples),
-                      data_collator=counting, callbacks=[StepTimer()])
+                      data_collator=counting, callbacks=[StepTimer(), *callbacks])
     trainer.train()
+    return trainer, times, counting.counts
+
+
+def run_trainer(args, rss_after_imports):
+    trainer, times, counts = train_with_trainer(args, args.accum, args.lr)
     wrapper = type(trainer.model_wrapped).__name__
-    parallel = f"{wrapper} ({training_args.parallel_mode.value}, backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'})"
-    return times, counting.counts, parallel
+    parallel = f"{wrapper} ({trainer.args.parallel_mode.value}, backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'})"
+    return times, counts, parallel
 
 
 def run_plain(args, rss_after_imports):

@@ -22,7 +22,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -89,11 +88,11 @@ def run_ours(folder: Path, out: Path, args) -> dict:
 
 
 def run_trainer_worker(argv: list[str]) -> None:
-    """--worker trainer: the Trainer route in its own process (its own CUDA memory statistics)."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    """--worker trainer: the Trainer route (benchmarks/_peer_worker.py, shared with train_compare) in its
+    own process, for its own CUDA memory statistics; 1e-4 lr, no accumulation, packed batches."""
+    from transformers import TrainerCallback
 
-    from benchmarks._peer_worker import CountingCollate, data
+    from benchmarks._peer_worker import train_with_trainer
 
     p = argparse.ArgumentParser()
     for name in ("--model-dir", "--out"):
@@ -103,32 +102,7 @@ def run_trainer_worker(argv: list[str]) -> None:
     args = p.parse_args(argv)
     args.packing = True
     cuda = torch.cuda.is_available()
-    examples, collate = data(args)
-    counting = CountingCollate(collate)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    times = []
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            sync()
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            sync()
-            times.append(time.perf_counter() - self.begin)
-
-    training_args = TrainingArguments(
-        output_dir=str(Path(args.out).parent / "trainer_out"), per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=1e-4, adam_beta1=0.9,
-        adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=0,
-        bf16=cuda, optim="adamw_torch_fused", use_cpu=not cuda, save_strategy="no", eval_strategy="no",
-        report_to="none", logging_steps=10**6, disable_tqdm=True, dataloader_drop_last=True,
-        remove_unused_columns=False, dataloader_num_workers=0, seed=42)
-    callbacks = [StepTimer()]
+    callbacks = []
     if args.profile_steps:  # the recipe's StepProfiler, stepped by a callback: the same steps recorded
         from recipes_core.profiling import StepProfiler
 
@@ -140,12 +114,10 @@ def run_trainer_worker(argv: list[str]) -> None:
                 profiler.step()
 
         callbacks.append(ProfilerStep())
-    trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(examples),
-                      data_collator=counting, callbacks=callbacks)
-    trainer.train()
+    _, times, counts = train_with_trainer(args, accum=1, lr=1e-4, callbacks=callbacks)
     peak = torch.cuda.max_memory_allocated() if cuda else C.max_rss_bytes()
-    rows = [{"kind": "train", "step": i + 1, "step_time_s": t, "tokens": counting.counts[i][0],
-             "supervised_tokens": counting.counts[i][1]} for i, t in enumerate(times)]
+    rows = [{"kind": "train", "step": i + 1, "step_time_s": t, "tokens": counts[i][0],
+             "supervised_tokens": counts[i][1]} for i, t in enumerate(times)]
     Path(args.out).write_text("\n".join(json.dumps(r) for r in rows + [{"kind": "summary", "peak": peak}]) + "\n")
 
 
