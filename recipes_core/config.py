@@ -69,6 +69,9 @@ class FSDPConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    # false: every layer keeps its gathered parameters from forward to backward: half the all-gathers
+    # (the fewer-collectives setting where communication dominates) for the memory of a full model copy
+    reshard_after_forward: bool = True
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 

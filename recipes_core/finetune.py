@@ -133,7 +133,8 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
     cpu_offload = cfg.fsdp.cpu_offload and env.device.type == "cuda"
     if cfg.fsdp.cpu_offload and not cpu_offload:
         print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
-    D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing)
+    D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
+                  cfg.fsdp.reshard_after_forward)
     D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload)
     del full_state
     model.train()

@@ -5,6 +5,7 @@ The runs are shared between assertions (module-scoped fixtures) to keep the suit
 (each torchrun launch costs ~25 s of imports and start-up there):
   straight   torchrun, 2 ranks, 12 steps, checkpoints at 6 and 12 (with optimizer)
   resumed    torchrun, 2 ranks, a new process resuming from straight's step_6, runs steps 7..12
+             (with fsdp.reshard_after_forward=false, which must not move the numbers either)
   one_rank   1 rank in this process (the plain-process path), micro-batch 4 (= 2 ranks x 2), model only,
              train.deterministic on
   accum      1 rank in this process, 2 micro-batches of 2 per step, activation checkpointing and the
@@ -89,7 +90,9 @@ def runs(wide_tiny, tmp_path_factory) -> dict[str, Path]:
     paths = {name: root / name for name in ("straight", "resumed", "one_rank", "accum")}
     launch(2, paths["straight"], two_rank + ["checkpoint.save_every=6", "train.eval_every=6"])
     mid_run = paths["straight"] / f"step_{HALF}"
-    proc = launch(2, paths["resumed"], two_rank + [f"checkpoint.resume={mid_run}"])
+    # fsdp.reshard_after_forward=false only changes when parameters are gathered, never the numbers:
+    # the resumed run must still match the straight one bit for bit.
+    proc = launch(2, paths["resumed"], two_rank + [f"checkpoint.resume={mid_run}", "fsdp.reshard_after_forward=false"])
     assert f"resumed from {mid_run} at step {HALF}" in proc.stdout
     single = COMMON + model + ["checkpoint.save_optimizer=false"]
     # train.deterministic only turns on checks here (CPU kernels already are): the numbers must not move.
