@@ -16,6 +16,7 @@ One optimizer step, in order:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import math
 import sys
 import time
@@ -356,6 +357,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="a YAML recipe, e.g. cookbook/tiny_full.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
+    # A crash inside C++ (a collective, a kernel, process-group shutdown) then prints where each Python
+    # thread was, instead of only a signal number in torchrun's summary.
+    faulthandler.enable()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:  # before any model is loaded: a typo costs a second, not a run
