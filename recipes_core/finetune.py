@@ -357,9 +357,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="a YAML recipe, e.g. cookbook/tiny_full.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    # A crash inside C++ (a collective, a kernel, process-group shutdown) then prints where each Python
-    # thread was, instead of only a signal number in torchrun's summary.
-    faulthandler.enable()
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as err:  # before any model is loaded: a typo costs a second, not a run
@@ -373,4 +370,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # A crash inside C++ (a collective, a kernel, process-group shutdown) then prints where each Python
+    # thread was, instead of only a signal number in torchrun's summary. Only as a program: a caller of
+    # main() (a test, a notebook) keeps its own stderr and signal handlers.
+    faulthandler.enable()
     main()
