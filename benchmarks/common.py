@@ -56,9 +56,9 @@ def run_cmd(cmd: list[str], threads: int, timeout: float = 600, env_extra: dict 
 
 
 def torchrun(nproc: int, module: str, args: list[str], malloc_env: bool = True) -> list[str]:
-    """The recipe's own launch command (recipes_core.distributed.launch_command, which sets the glibc
+    """The recipe's own launch command (recipes_core.launch.launch_command, which sets the glibc
     malloc threshold for its ranks); malloc_env=False drops that `env VAR=value` prefix (glibc defaults)."""
-    from recipes_core.distributed import launch_command
+    from recipes_core.launch import launch_command
 
     cmd = launch_command(nproc, module, [str(a) for a in args])
     if not malloc_env and cmd[0] == "env":

@@ -38,7 +38,7 @@ SETTINGS = dict(seq=128, micro=1, steps=2)
 # Every allocation above 128 KiB gets its own mmap and goes back to the OS when freed, so RSS follows
 # the live tensors. glibc's default raises this threshold as large blocks are freed (up to 32 MiB), after
 # which FSDP's per-layer buffers (~14 MiB for SmolLM2) come from malloc arenas and stay resident when freed.
-from recipes_core.distributed import MALLOC_ENV  # noqa: E402  (the recipe's launchers set it)
+from recipes_core.launch import MALLOC_ENV  # noqa: E402  (the recipe's launchers set it)
 
 
 def saved_activation_bytes(model, batch, device) -> int:
@@ -161,7 +161,7 @@ def main(argv=None):
             out = C.RUNS / f"memory_{model}_{n}{'' if args.glibc_default else '_mmap'}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             if not (args.reuse and out.exists()):
-                # The recipe's launch command sets MALLOC_ENV (recipes_core.distributed.launch_command);
+                # The recipe's launch command sets MALLOC_ENV (recipes_core.launch.launch_command);
                 # --glibc-default drops it to show what glibc's defaults do.
                 C.run_cmd(C.torchrun(n, "benchmarks.memory_scaling", ["--model", model, "--worker-out", out],
                                      malloc_env=not args.glibc_default), threads=1)
@@ -202,7 +202,7 @@ def main(argv=None):
     title = "6. Memory scaling: per-rank memory vs FSDP arithmetic" + (", glibc malloc defaults" if args.glibc_default else "")
     notes.append("Allocator: glibc defaults (no tuning)." if args.glibc_default else
                  f"Allocator: glibc with {MALLOC_ENV} in every rank, as the recipe's launchers set it "
-                 "(recipes_core.distributed.launch_command, cookbook/*.sh), so that freed blocks leave the RSS; the same "
+                 "(recipes_core.launch.launch_command, cookbook/*.sh), so that freed blocks leave the RSS; the same "
                  "runs with glibc defaults are reported separately (memory_scaling_glibc_default).")
     return C.save_result(name, title, C.command_line(),
                          {"model": model, "ranks": ranks, **s, "optimizer": "AdamW fused=True (the recipe's)"}, rows, ratios, notes, args.smoke, plot)

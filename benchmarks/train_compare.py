@@ -197,7 +197,7 @@ def save(args, model, s, results, rows, ratios, failures):
                 "global batch": "micro x accum x 2 ranks (plain loop: micro x 2*accum)",
                 "optimizer": "AdamW fused=True in all routes (the recipe's; the Trainer's default adamw_torch_fused)"}
     notes = [
-        "Our recipe is `recipes_core.finetune` itself, launched with `recipes_core.distributed.launch_command` as "
+        "Our recipe is `recipes_core.finetune` itself, launched with `recipes_core.launch.launch_command` as "
         "users of the notebooks do (FSDP2 `fully_shard` per decoder layer, gloo, MALLOC_MMAP_THRESHOLD_ set); its step "
         "time and tokens come from its own metrics.jsonl.",
         "The Trainer under torchrun on CPU uses **DistributedDataParallel over gloo** (the parallelism column is "

@@ -9,6 +9,8 @@ nearest valid one (difflib), because a silently ignored `train.learning_rate=...
 
 from __future__ import annotations
 
+from recipes_core.errors import UserError
+
 import dataclasses
 import difflib
 import typing
@@ -114,7 +116,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not match the dataclasses; the message says what to use."""
 
 

@@ -17,6 +17,8 @@ a folder named OUT is always complete.
 
 from __future__ import annotations
 
+from recipes_core.errors import UserError
+
 import argparse
 import os
 import shutil
@@ -37,7 +39,7 @@ from recipes_core.tokens import end_token_ids, load_tokenizer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """The checkpoint folder is incomplete or does not hold what train_params.yaml says."""
 
 

@@ -6,6 +6,8 @@ the field, with what to do, instead of a traceback from deep inside a parser or 
 
 from __future__ import annotations
 
+from recipes_core.errors import UserError
+
 import json
 from pathlib import Path
 
@@ -23,7 +25,7 @@ OPTIONAL_FIELDS = {"alpaca": {"input"}}
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """A data file that cannot be trained on; the message says where and what to fix."""
 
 

@@ -16,14 +16,14 @@ import functools
 import gc
 import os
 import random
-import socket
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from recipes_core.launch import free_port
 
 
 @dataclass
@@ -39,12 +39,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(backend: str = "auto") -> DistEnv:
@@ -72,7 +66,7 @@ def setup(backend: str = "auto") -> DistEnv:
             dist.init_process_group(backend=backend, store=_attempt_store(), rank=rank, world_size=world_size,
                                     device_id=device_id)
         else:  # a plain process becomes a group of one on a free local port (os.environ is left alone)
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=rank,
                                     world_size=world_size, device_id=device_id)
     return DistEnv(rank, world_size, local_rank, local_world_size, device, backend, created)
 
@@ -224,26 +218,3 @@ def load_full_weights_from_rank0(model: nn.Module, full_state_dict: dict | None,
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=cpu_offload)
     set_model_state_dict(model, full_state_dict or {}, options=options)
     reset_rotary_buffers(model, device)
-
-
-# glibc malloc setting for CPU training runs: every allocation above 128 KiB gets its own mapping and goes
-# back to the OS when freed. glibc's default threshold grows (up to 32 MiB) after large frees such as rank 0's
-# load-time full copy; after that FSDP's per-layer all-gather buffers and gradients come from malloc's arenas
-# and stay resident once freed, so per-rank RSS barely falls with the number of ranks (SmolLM2 on 2 and 4
-# ranks: 1.6x and 2.3x the FSDP arithmetic, against 0.99x and 1.02x with this; benchmarks/RESULTS.md). An
-# allocator setting, not FSDP's; glibc reads it at process start, hence set by the launchers. Harmless on
-# CUDA (GPU memory is not malloc's) and ignored where the C library is not glibc.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def launch_command(nproc: int, module: str = "recipes_core.finetune", args: list[str] | tuple = (),
-                   master_port: int | None = None) -> list[str]:
-    """The command that runs `module` on nproc local processes under torchrun (nproc=0: one plain
-    process, no torchrun), with MALLOC_ENV in its environment (`env VAR=value ...`; a value already set
-    in this environment wins). Used by the tests, notebooks and benchmarks; users type the torchrun line
-    themselves or use cookbook/launch_single_node.sh, which sets the same."""
-    env = ["env", *(f"{k}={os.environ.get(k, v)}" for k, v in MALLOC_ENV.items())]
-    if nproc == 0:
-        return [*env, sys.executable, "-m", module, *args]
-    return [*env, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(master_port or _free_port()), "-m", module, *args]

@@ -14,6 +14,8 @@ Every choice that made older recipes "only repeat the prompt" is fixed here:
 
 from __future__ import annotations
 
+from recipes_core.errors import UserError
+
 import argparse
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ from recipes_core.tokens import end_token_ids, load_tokenizer
 MODES = ("chat", "completion")
 
 
-class NoChatTemplateError(ValueError):
+class NoChatTemplateError(UserError, ValueError):
     pass
 
 

@@ -20,6 +20,8 @@ prints as `error: preflight: ...` and exits with status 2.
 
 from __future__ import annotations
 
+from recipes_core.errors import UserError
+
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ from recipes_core import faults
 MIB = 1024 * 1024
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError, ValueError):
     """The run cannot start or could not finish; the message names what and how to fix it."""
 
 

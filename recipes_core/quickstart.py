@@ -26,7 +26,7 @@ from make_datasets import write_all  # noqa: E402
 
 from recipes_core.convert import convert  # noqa: E402
 from recipes_core.data import load_records  # noqa: E402
-from recipes_core.distributed import launch_command  # noqa: E402
+from recipes_core.launch import launch_command  # noqa: E402
 from recipes_core.infer import generate, load_for_inference  # noqa: E402
 from recipes_core.tiny import build_tiny  # noqa: E402
 

@@ -11,6 +11,8 @@ Other files: `load_torch_file` is `torch.load(weights_only=True)`; model weights
 
 from __future__ import annotations
 
+from recipes_core.errors import UserError
+
 import pickle
 from pathlib import Path
 
@@ -31,7 +33,7 @@ ALLOWED_GLOBALS = {
 }
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint file that would run code, or is not what it claims to be."""
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_finetune import COMMON, REPO, launch, losses
 
-from recipes_core.distributed import launch_command
+from recipes_core.launch import launch_command
 from recipes_core.metrics import read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from recipes_core.checkpoint import find_latest, is_complete, load_train_params, measured_sizes, size_report
-from recipes_core.distributed import launch_command
+from recipes_core.launch import launch_command
 from recipes_core.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
