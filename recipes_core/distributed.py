@@ -12,10 +12,14 @@ which set_model_state_dict(..., broadcast_from_rank0=True) sends tensor by tenso
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 import random
+import sys
+import types
+import warnings
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from recipes_core import torch_internals
 from recipes_core.launch import free_port
 
 
@@ -84,38 +89,101 @@ def _attempt_store() -> dist.Store:
     return dist.PrefixStore(f"recipes_attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+@contextmanager
+def process_group(backend: str = "auto"):
+    """Join (or create) the process group for the block and tear it down correctly at its end:
+
+        from recipes_core.distributed import process_group
+
+        def main(env):                    # work in a function: its model and tensors die on return
+            ...                           # fully_shard, forward, backward, collectives
+
+        if __name__ == "__main__":
+            with process_group() as env:  # torchrun --nproc_per_node 2 my_script.py
+                main(env)
+
+    Use it for any script that shards with FSDP2 / DTensor (a raw `dist.destroy_process_group()` at the
+    end of such a script now and then aborts the process at exit; see `teardown`)."""
+    env = setup(backend)
+    try:
+        yield env
+    finally:
+        teardown(env)
+
+
 def teardown(env: DistEnv) -> None:
     """Destroy the group this process created, and make sure it is really gone before the process exits.
 
-    Why more than destroy_process_group(): DTensor's caches (sharding propagation in Python and C++, the
-    redistribute planner, the mesh topology) keep specs of the sharded model alive, each holding the
-    DeviceMesh, which holds the process group. destroy_process_group() then unregisters the group but
-    cannot free it: gloo's worker threads live on and the group is freed during interpreter shutdown
-    instead, where it now and then aborts a run that had finished ("terminate called without an active
-    exception", SIGABRT, exit code -6). Clearing the caches first lets the group be freed here, with its
-    threads joined while the interpreter is whole (test_finetune.py::test_teardown_frees_the_process_group)."""
-    if env.created_group and dist.is_initialized():
-        release_dtensor_caches()
-        dist.destroy_process_group()
-        gc.collect()
+    Why more than destroy_process_group(): that call unregisters the groups but can only free a group
+    nobody else references, and after FSDP2 many objects do: DTensor's caches (sharding propagation in
+    Python and C++, the redistribute planner, the mesh topology) hold specs that hold the DeviceMesh,
+    every DeviceMesh keeps its groups in a registry, and every fully_shard'ed module keeps its mesh's
+    group in its FSDPMeshInfo. A group that outlives destroy_process_group() is freed during interpreter
+    shutdown instead, with gloo's worker threads still running, and now and then that aborts a process
+    whose work had finished ("terminate called without an active exception", SIGABRT, exit -6).
+    So: clear the caches, destroy the groups, then drop the references that live objects (a model
+    still in scope, a mesh) keep to the destroyed groups, so each is freed here and its threads joined
+    while the interpreter is whole. Checked by tests/test_finetune.py::test_teardown_frees_the_process_group
+    and tests/stress_exit.py. A group still alive after this (held from C++ or a frame) gets a warning."""
+    if not (env.created_group and dist.is_initialized()):
+        return
+    groups = [weakref.ref(group) for group in torch_internals.live_process_groups()]
+    release_dtensor_caches()
+    dist.destroy_process_group()
+    gc.collect()
+    _drop_references([ref() for ref in groups if ref() is not None])
+    gc.collect()
+    alive = sum(ref() is not None for ref in groups)
+    if alive:
+        warnings.warn(f"{alive} destroyed process group(s) are still referenced; the process may abort at exit. "
+                      "Keep FSDP models inside a function called within `with process_group():`.",
+                      RuntimeWarning, stacklevel=2)
+
+
+def _drop_references(groups: list) -> None:
+    """Replace every reference that live Python objects keep to the destroyed `groups` by None: object
+    attributes, dicts and lists, and the dicts one attribute down (DeviceMesh._pg_registry: a dict of
+    groups is not tracked by the garbage collector, so gc.get_referrers cannot see it). A destroyed
+    group runs no collective anyway. Module globals are left alone: those are the user's to release."""
+    targets = {id(group) for group in groups}
+    module_dicts = {id(vars(m)) for m in list(sys.modules.values()) if m is not None}
+
+    def scrub(container) -> None:
+        if type(container) is dict and id(container) not in module_dicts:  # not subclasses: lazy mappings load on .items()
+            for key in [k for k, v in container.items() if id(v) in targets]:
+                container[key] = None
+        elif type(container) is list:
+            for i, item in enumerate(container):
+                if id(item) in targets:
+                    container[i] = None
+
+    with warnings.catch_warnings():  # reading deprecated objects' attributes warns; nothing here is the user's
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            _scrub_object(obj, scrub)
+    del groups
+
+
+def _scrub_object(obj, scrub) -> None:
+    """The object itself (a dict or list), its attributes, and the untracked dicts/lists among them."""
+    scrub(obj)
+    if isinstance(obj, types.ModuleType):
+        return
+    try:  # not getattr: a class's own __getattr__ (lazy modules, lazy mappings) must not run here
+        attributes = object.__getattribute__(obj, "__dict__")
+    except (AttributeError, TypeError):
+        return
+    if type(attributes) is dict:
+        scrub(attributes)
+        for value in list(attributes.values()):
+            if type(value) in (dict, list) and not gc.is_tracked(value):
+                scrub(value)
 
 
 def release_dtensor_caches() -> None:
     """Empty the caches of torch.distributed that hold DTensor specs (and through them meshes and process
-    groups). They are private to PyTorch and change between versions, so this clears every functools
-    cache defined under torch.distributed plus the two caches that are not functools ones."""
-    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-    if clear_fast_path is not None:
-        clear_fast_path()
-    try:
-        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
-        clear_redistribute_planner_cache()
-    except ImportError:
-        pass
-    for obj in gc.get_objects():
-        if type(obj) is functools._lru_cache_wrapper and \
-                str(getattr(obj, "__module__", "")).startswith("torch.distributed"):
-            obj.cache_clear()
+    groups). They are private to PyTorch (fenced in recipes_core.torch_internals)."""
+    torch_internals.clear_dtensor_caches()
     gc.collect()  # FSDP modules sit in reference cycles; free them before the group goes
 
 
