@@ -193,8 +193,8 @@ def compare_tokenizers(a, b, title: str = "tokenizers") -> Report:
 def check_checkpoint(path) -> Report:
     """Complete or not (.metadata and every shard it names), what it holds (model, optimizer, step),
     and its size against the prediction (4 B/param weights, 8 B/trainable param for AdamW)."""
-    from recipes_core.checkpoint import measured_sizes, size_report
-    from recipes_core.convert import incomplete_reasons, load_train_params, read_metadata, resolve_checkpoint
+    from recipes_core.checkpoint import (incomplete_reasons, load_train_params, measured_sizes, read_metadata,
+                                         resolve_checkpoint, size_report)
 
     ckpt_dir = resolve_checkpoint(path)
     report = Report(f"checkpoint {ckpt_dir}")

@@ -166,16 +166,11 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     D.seed_everything(cfg.train.seed, env.rank)
     preflight.check_start(cfg, env)  # config, mesh, inputs, output folder, resume checkpoint: before any step
     out = Path(cfg.checkpoint.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
-        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
 
     resume_dir = None
     if cfg.checkpoint.resume:
+        # preflight refused a damaged path given by hand; for auto it warned about what it passes over
         resume_dir = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-        if resume_dir is not None and not ckpt.is_complete(resume_dir):
-            raise FileNotFoundError(f"checkpoint.resume={resume_dir}: not a complete checkpoint folder")
         if resume_dir is None and env.is_main:
             print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
 
@@ -186,6 +181,10 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     tokenizer_dir = cfg.model.tokenizer or hf_dir
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
     preflight.check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir)  # pad, chat template, shapes, free disk
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails preflight leaves nothing behind
+    if env.is_main:
+        print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
+        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{tokenizer_dir}: the tokenizer has no pad token; set one (e.g. a reserved token)")
     model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)

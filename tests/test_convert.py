@@ -134,7 +134,7 @@ def test_incomplete_checkpoints_are_refused(tiny_models, tmp_path, capsys):
     shard.with_suffix(".moved").rename(shard)
 
     (ckpt / ".metadata").rename(ckpt / "metadata.moved")
-    assert convert_main([str(ckpt), str(tmp_path / "hf")]) == 1
+    assert convert_main([str(ckpt), str(tmp_path / "hf")]) == 2
     assert ".metadata is missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no half-written folder
 
