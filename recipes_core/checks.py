@@ -193,10 +193,15 @@ def compare_tokenizers(a, b, title: str = "tokenizers") -> Report:
 def check_checkpoint(path) -> Report:
     """Complete or not (.metadata and every shard it names), what it holds (model, optimizer, step),
     and its size against the prediction (4 B/param weights, 8 B/trainable param for AdamW)."""
-    from recipes_core.checkpoint import (incomplete_reasons, load_train_params, measured_sizes, read_metadata,
+    from recipes_core.checkpoint import (CheckpointError, incomplete_reasons, load_train_params, measured_sizes, read_metadata,
                                          resolve_checkpoint, size_report)
 
-    ckpt_dir = resolve_checkpoint(path)
+    try:
+        ckpt_dir = resolve_checkpoint(path)
+    except CheckpointError as err:  # a run folder whose `latest` is damaged: a finding like any other
+        report = Report(f"checkpoint {path}")
+        report.add("error", str(err))
+        return report
     report = Report(f"checkpoint {ckpt_dir}")
     for reason in incomplete_reasons(ckpt_dir):
         report.add("error", reason)

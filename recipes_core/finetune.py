@@ -40,7 +40,7 @@ from recipes_core.data import load_records
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
-from recipes_core.preprocess import tokenize_records
+from recipes_core.preprocess import today_for_templates, tokenize_records
 from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
 
@@ -51,7 +51,8 @@ def tokenized(path: str, cfg: Config, tokenizer, limit: int) -> list[dict]:
     records = load_records(path, cfg.data.format)
     if limit:
         records = records.select(range(min(limit, len(records))))
-    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs)
+    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs,
+                                cfg.data.chat_date)
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     if cfg.data.packing:
         return pack_examples(examples, cfg.data.max_seq_len, tokenizer.pad_token_id)
@@ -153,6 +154,21 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * decay
 
 
+def run_chat_date(cfg: Config, resume_dir: Path | None) -> str:
+    """The date chat templates render in this run, fixed once (see DataConfig.chat_date): the config's,
+    else the one the resumed checkpoint's run used, else today. Rank 0 decides (ranks could straddle
+    midnight) and the choice is saved in config.yaml and train_params.yaml with the rest of the config."""
+    saved = ""
+    if resume_dir is not None:
+        saved = ((ckpt.load_train_params(resume_dir).get("config") or {}).get("data") or {}).get("chat_date") or ""
+    if cfg.data.chat_date:
+        if saved and saved != cfg.data.chat_date:
+            print(f"WARNING: data.chat_date={cfg.data.chat_date} differs from {saved}, the date {resume_dir} was "
+                  "trained with: chat examples will tokenize differently from before the resume", file=sys.stderr)
+        return cfg.data.chat_date
+    return saved or today_for_templates()
+
+
 def count_saved_params(model, lora: bool) -> int:
     return sum(t.numel() for t in ckpt.model_state(model, lora).values())
 
@@ -173,6 +189,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         resume_dir = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
         if resume_dir is None and env.is_main:
             print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
+    cfg.data.chat_date = D.broadcast_object(run_chat_date(cfg, resume_dir) if env.is_main else None)
 
     # Materialize the model source once (build tiny / convert GGUF), then every rank reads it.
     source = resolve_model_source(cfg.model.source, cfg.model.path, cfg.model.tiny_variant) if env.is_main else None

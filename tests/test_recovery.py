@@ -145,6 +145,7 @@ def test_unfinished_save_is_never_chosen(tmp_path):
 
     def save(name: str) -> Path:
         dcp.save({"model": {"w": torch.arange(1000.0)}}, checkpoint_id=str(tmp_path / name), no_dist=True)
+        (tmp_path / name / "train_params.yaml").write_text("step: 0\n")
         return tmp_path / name
 
     save("step_2")
