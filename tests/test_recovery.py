@@ -216,21 +216,21 @@ def test_the_template_date_changes_the_tokens(dated_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def dated_straight_run(tiny_models, dated_tokenizer, tmp_path_factory) -> Path:
+def dated_straight_run(tiny_models, dated_tokenizer, tmp_path_factory) -> dict:
     """8 steps on 2 ranks with the dated template, checkpoints at 2, 4, 6, 8 (today's clock)."""
     out = tmp_path_factory.mktemp("dated") / "straight"
-    torchrun(2, out, tiny_models["instruct"], [f"model.tokenizer={dated_tokenizer}"])
-    return out
+    overrides = [f"model.tokenizer={dated_tokenizer}", "data.max_seq_len=96"]  # the system header: ~20 tokens
+    torchrun(2, out, tiny_models["instruct"], overrides)
+    return {"out": out, "overrides": overrides}
 
 
 @pytest.mark.slow
-def test_damaged_checkpoints_fall_back_and_a_later_day_resumes_exactly(dated_straight_run, tiny_models,
-                                                                     dated_tokenizer, tmp_path):
+def test_damaged_checkpoints_fall_back_and_a_later_day_resumes_exactly(dated_straight_run, tiny_models, tmp_path):
     """A copy of the straight run with step_8's train_params.yaml invalid YAML, step_6's a plain string
     and `latest` binary garbage: resume=auto warns once per damaged file and resumes from step_4, on a
     clock 400 days later; steps 5..8 must log exactly the straight run's losses (the saved date is
     re-used; with today's date the system header, hence every loss, would differ)."""
-    straight = dated_straight_run
+    straight = dated_straight_run["out"]
     chat_date = yaml.safe_load((straight / "config.yaml").read_text())["data"]["chat_date"]
     assert chat_date and yaml.safe_load((straight / "step_2" / "train_params.yaml").read_text())[
         "config"]["data"]["chat_date"] == chat_date
@@ -248,7 +248,7 @@ def test_damaged_checkpoints_fall_back_and_a_later_day_resumes_exactly(dated_str
     import datetime
 
     assert later == str(datetime.date.today() + datetime.timedelta(days=DAYS_LATER)), later  # the clock moved
-    proc = torchrun(2, run, tiny_models["instruct"], [f"model.tokenizer={dated_tokenizer}"], env=env)
+    proc = torchrun(2, run, tiny_models["instruct"], dated_straight_run["overrides"], env=env)
     logs = proc.stdout + proc.stderr
     warnings = [line for line in logs.splitlines() if line.startswith("WARNING: resume=auto")]
     for damaged in (run / "latest", run / "step_8" / "train_params.yaml", run / "step_6" / "train_params.yaml"):
