@@ -255,11 +255,11 @@ def test_damaged_checkpoints_fall_back_and_a_later_day_resumes_exactly(dated_str
         assert sum(str(damaged) in line for line in warnings) == 1, (damaged, warnings)
     assert f"resumed from {run / 'step_4'} at step 4" in logs
     assert "Traceback" not in logs
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["chat_date"] == chat_date
     reference = {r["step"]: r["loss"] for r in train_records(straight)}
     resumed = {r["step"]: r["loss"] for r in train_records(run)}
     assert sorted(resumed) == [5, 6, 7, 8]
     assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["chat_date"] == chat_date
 
 
 DAMAGE = {
