@@ -12,6 +12,12 @@ Format contract (other tools, e.g. conversion to a Hugging Face folder, rely on 
         rng_rank<r>.pt         per-rank RNG states, only with save_optimizer (torch/numpy/python)
       .tmp_step_<k>/           a save in progress; renamed to step_<k> once every rank has written
 
+A checkpoint is complete when every file it needs is there and parses: train_params.yaml (a YAML
+mapping), .metadata (through the restricted unpickler) and every shard .metadata names, at least as long
+as it says (`incomplete_reasons`). resume=auto takes the folder `latest` names if complete, else the
+highest complete step_<k>, and warns naming each file that made it pass one over (`choose_latest`); a
+folder given by path (resume=<path>, convert, infer) that is not complete is an error naming the file.
+
 DCP top-level keys:
   "model"      the model state dict with plain Hugging Face names, exactly as
                LlamaForCausalLM(config).state_dict() names them ("model.layers.0.self_attn.q_proj.weight",
@@ -24,7 +30,8 @@ DCP top-level keys:
   "trainer"    {"step", "epoch", "batch_in_epoch" (micro-batches of this epoch already consumed),
                 "tokens_seen", "supervised_tokens_seen"}
 
-train_params.yaml keys: config (the resolved config dict), model_source ({kind: tiny|hf|hub|gguf, path,
+train_params.yaml keys: config (the resolved config dict; its data.chat_date is the date chat templates
+rendered in this run, re-used on resume), model_source ({kind: tiny|hf|hub|gguf, path,
 hf_dir, tiny_variant}), model_config (HF config.to_dict()), tokenizer (local folder of the tokenizer used,
 with its chat template), step, save_optimizer, lora (null or the peft LoraConfig fields), world_size,
 param_dtype, and param_counts ({total, trainable, saved}: what the size report predicts from).
