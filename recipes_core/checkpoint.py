@@ -151,7 +151,7 @@ def incomplete_reasons(ckpt_dir: str | Path) -> list[str]:
         return [f"{ckpt_dir}/{METADATA} is missing (the save did not finish: it is written last)"] + reasons
     try:
         needed = shard_sizes(ckpt_dir)
-    except UnsafeCheckpointError as err:
+    except UnsafeCheckpointError as err:  # damaged, or carrying code (CodeInCheckpointError): never loaded
         return [str(err)] + reasons
     for name, size in sorted(needed.items()):
         shard = ckpt_dir / name

@@ -195,6 +195,7 @@ def check_checkpoint(path) -> Report:
     and its size against the prediction (4 B/param weights, 8 B/trainable param for AdamW)."""
     from recipes_core.checkpoint import (CheckpointError, incomplete_reasons, load_train_params, measured_sizes, read_metadata,
                                          resolve_checkpoint, size_report)
+    from recipes_core.safety import CodeInCheckpointError, UnsafeCheckpointError
 
     try:
         ckpt_dir = resolve_checkpoint(path)
@@ -202,6 +203,13 @@ def check_checkpoint(path) -> Report:
         report = Report(f"checkpoint {path}")
         report.add("error", str(err))
         return report
+    if (ckpt_dir / ".metadata").is_file():
+        try:
+            read_metadata(ckpt_dir)
+        except CodeInCheckpointError:
+            raise  # a planted payload is refused outright (exit 2), not reported as damage
+        except UnsafeCheckpointError:
+            pass  # damaged: incomplete_reasons reports it
     report = Report(f"checkpoint {ckpt_dir}")
     for reason in incomplete_reasons(ckpt_dir):
         report.add("error", reason)

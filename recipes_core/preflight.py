@@ -151,7 +151,8 @@ def remove_stale_tmp(out: Path) -> list[Path]:
 def resume_errors(cfg, out: Path, rank: int) -> tuple[list[str], list[str]]:
     """(errors, warnings) about the checkpoint checkpoint.resume would load."""
     from recipes_core import checkpoint as ckpt
-    from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata, load_torch_file
+    from recipes_core.safety import (CodeInCheckpointError, UnsafeCheckpointError, check_checkpoint_metadata,
+                                     load_torch_file)
 
     errors, warnings = [], []
     if not cfg.checkpoint.resume:
@@ -165,12 +166,11 @@ def resume_errors(cfg, out: Path, rank: int) -> tuple[list[str], list[str]]:
         for folder in newer:  # passed over: refuse outright if its .metadata carries code
             try:
                 check_checkpoint_metadata(folder)
-            except UnsafeCheckpointError as err:
-                if "refers to" in str(err):
-                    errors.append(f"checkpoint.resume=auto: {err} Remove {folder} before resuming")
-                    return errors, warnings
-            except FileNotFoundError:
-                pass
+            except CodeInCheckpointError as err:
+                errors.append(f"checkpoint.resume=auto: {err} Remove {folder} before resuming")
+                return errors, warnings
+            except (UnsafeCheckpointError, FileNotFoundError):
+                pass  # damaged or unfinished: choose_latest's notes say so
     else:
         chosen = Path(cfg.checkpoint.resume)
         if not chosen.is_dir():
