@@ -21,6 +21,7 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -189,7 +190,8 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         resume_dir = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
         if resume_dir is None and env.is_main:
             print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
-    cfg.data.chat_date = D.broadcast_object(run_chat_date(cfg, resume_dir) if env.is_main else None)
+    chat_date = D.broadcast_object(run_chat_date(cfg, resume_dir) if env.is_main else None)
+    cfg = replace(cfg, data=replace(cfg.data, chat_date=chat_date))  # a copy: the caller's config is left as is
 
     # Materialize the model source once (build tiny / convert GGUF), then every rank reads it.
     source = resolve_model_source(cfg.model.source, cfg.model.path, cfg.model.tiny_variant) if env.is_main else None
