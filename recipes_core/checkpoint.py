@@ -450,13 +450,13 @@ def main(argv: list[str] | None = None) -> int:
                       help="parameter counts on paper, e.g. 7B 8B 70B or 1.5e9 (default: 7B 8B 70B)")
     args = parser.parse_args(argv)
     if args.dir:
-        ckpt = Path(args.dir)
-        if not (ckpt / METADATA).exists():
-            ckpt = find_latest(ckpt)
-            if ckpt is None:
-                print(f"error: {args.dir}: no complete checkpoint", file=sys.stderr)
-                return 2
-        print(format_size_report(size_report(ckpt)))
+        try:
+            ckpt = resolve_checkpoint(args.dir)
+            require_complete(ckpt)
+            print(format_size_report(size_report(ckpt)))
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.params is not None or not args.dir:
         for text in args.params or ["7B", "8B", "70B"]:
             print(format_paper_report(*_parse_count(text)))
