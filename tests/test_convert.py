@@ -227,3 +227,20 @@ def test_convert_into_a_new_folder_of_the_run_is_allowed(two_step_run):
     assert convert_main([str(run), str(run / "hf"), "--overwrite"]) == 0
     assert {k: v for k, v in _hashes(run).items() if not k.startswith("hf/")} == before
     assert (run / "hf" / "config.json").is_file()
+
+
+def test_other_folder_replacing_commands_refuse_their_input(tmp_path):
+    """gguf_to_hf replaces its output folder: a folder holding the GGUF file itself is refused before
+    anything is read or removed. The same rule (recipes_core.paths) guards the quickstart's checkpoints."""
+    from recipes_core.models import gguf_to_hf
+    from recipes_core.paths import UnsafeOutputError, overlap
+
+    gguf = tmp_path / "models" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF not really")
+    for out in (gguf.parent, tmp_path, gguf):
+        with pytest.raises(UnsafeOutputError, match="the GGUF file"):
+            gguf_to_hf(gguf, out, force=True)
+    assert gguf.read_bytes() == b"GGUF not really"
+    assert [overlap(tmp_path / "a", tmp_path / "a" / "b"), overlap(tmp_path / "a" / "b", tmp_path / "a"),
+            overlap(tmp_path / "a", tmp_path / "b")] == ["contains", "lies inside", None]
