@@ -12,7 +12,9 @@ Memory: the model is built on the meta device, materialised once, and the checkp
 are read straight into those tensors (optimizer state in the same checkpoint is never read); the
 weights are then written from those same tensors. Peak memory stays close to one copy of the model.
 No process group is needed. The folder is written under a temporary name and renamed at the end, so
-a folder named OUT is always complete.
+a folder named OUT is always complete. OUT never replaces its own input: an OUT that is, holds or lies
+inside the checkpoint, or that is another entry of its run folder (a step_<k>, `latest`), is refused
+with or without --overwrite (check_output_location).
 """
 
 from __future__ import annotations
