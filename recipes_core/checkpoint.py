@@ -12,6 +12,12 @@ Format contract (other tools, e.g. conversion to a Hugging Face folder, rely on 
         rng_rank<r>.pt         per-rank RNG states, only with save_optimizer (torch/numpy/python)
       .tmp_step_<k>/           a save in progress; renamed to step_<k> once every rank has written
 
+A checkpoint is complete when every file it needs is there and parses: train_params.yaml (a YAML
+mapping), .metadata (through the restricted unpickler) and every shard .metadata names, at least as long
+as it says (`incomplete_reasons`). resume=auto takes the folder `latest` names if complete, else the
+highest complete step_<k>, and warns naming each file that made it pass one over (`choose_latest`); a
+folder given by path (resume=<path>, convert, infer) that is not complete is an error naming the file.
+
 DCP top-level keys:
   "model"      the model state dict with plain Hugging Face names, exactly as
                LlamaForCausalLM(config).state_dict() names them ("model.layers.0.self_attn.q_proj.weight",
@@ -24,7 +30,8 @@ DCP top-level keys:
   "trainer"    {"step", "epoch", "batch_in_epoch" (micro-batches of this epoch already consumed),
                 "tokens_seen", "supervised_tokens_seen"}
 
-train_params.yaml keys: config (the resolved config dict), model_source ({kind: tiny|hf|hub|gguf, path,
+train_params.yaml keys: config (the resolved config dict; its data.chat_date is the date chat templates
+rendered in this run, re-used on resume), model_source ({kind: tiny|hf|hub|gguf, path,
 hf_dir, tiny_variant}), model_config (HF config.to_dict()), tokenizer (local folder of the tokenizer used,
 with its chat template), step, save_optimizer, lora (null or the peft LoraConfig fields), world_size,
 param_dtype, and param_counts ({total, trainable, saved}: what the size report predicts from).
@@ -55,7 +62,8 @@ import torch
 import yaml
 
 from recipes_core import faults
-from recipes_core.safety import check_checkpoint_metadata, load_torch_file
+from recipes_core.errors import UserError
+from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata, load_torch_file
 
 LATEST = "latest"
 TRAIN_PARAMS = "train_params.yaml"
@@ -67,66 +75,172 @@ PAPER_MODELS = {"135M": 134_515_008, "1B": 1_235_814_400, "3B": 3_212_749_824, "
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
-# ----- layout helpers (no process group needed) --------------------------------------------------------
+# ----- layout and completeness (no process group needed) ----------------------------------------------
+# This module owns the checkpoint folder: convert, preflight, doctor and finetune ask it whether a folder
+# is complete and which one to resume from, so "complete" means the same thing everywhere.
+
+class CheckpointError(UserError, RuntimeError):
+    """The checkpoint folder is incomplete, damaged, or does not hold what train_params.yaml says."""
+
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"step_{step}"
 
 
-def _read_metadata(ckpt_dir: Path):
+def step_number(path: str | Path) -> int | None:
+    """k for a folder named step_<k> (k a plain integer), else None."""
+    prefix, _, number = Path(path).name.partition("_")
+    return int(number) if prefix == "step" and number.isdigit() else None
+
+
+def list_step_dirs(output_dir: str | Path) -> list[Path]:
+    found = [p for p in Path(output_dir).glob("step_*") if step_number(p) is not None]
+    return sorted(found, key=step_number)
+
+
+def read_metadata(ckpt_dir: str | Path):
     """DCP's index (a pickled Metadata object), read with a restricted unpickler: a .metadata file from
     elsewhere must not run code. dcp.load reads it again with plain pickle, so this check comes first."""
     return check_checkpoint_metadata(ckpt_dir)
 
 
-def is_complete(ckpt_dir: str | Path) -> bool:
-    """True when the folder has .metadata and every shard file it names, each long enough."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / METADATA).is_file():
-        return False
-    try:
-        metadata = _read_metadata(ckpt_dir)
-    except Exception:
-        return False
+def shard_sizes(ckpt_dir: str | Path) -> dict[str, int]:
+    """{shard file: bytes .metadata says it holds at least}."""
     needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
+    for info in (read_metadata(ckpt_dir).storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    return all((ckpt_dir / name).is_file() and (ckpt_dir / name).stat().st_size >= end
-               for name, end in needed.items())
+    return needed
+
+
+def load_train_params(ckpt_dir: str | Path) -> dict:
+    """train_params.yaml as a dict; CheckpointError naming the file when it is missing or damaged (not
+    UTF-8, not YAML, or YAML that is not a mapping: a save interrupted or a file edited by hand)."""
+    path = Path(ckpt_dir) / TRAIN_PARAMS
+    damaged = "the checkpoint is damaged: use an earlier step_<k> folder"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (model config and tokenizer are read from it); {ckpt_dir} is "
+                              "not a checkpoint written by recipes_core.finetune")
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {err.start}); {damaged}") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise CheckpointError(f"{path} is not valid YAML ({problem}{line}); {damaged}") from None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path} holds a {type(params).__name__}, not the mapping recipes_core.finetune "
+                              f"writes; {damaged}")
+    return params
+
+
+def incomplete_reasons(ckpt_dir: str | Path) -> list[str]:
+    """Why the folder is not a complete checkpoint (empty when it is). Complete means every file it needs
+    is there and parses: train_params.yaml (a YAML mapping), .metadata (safe to unpickle), and every shard
+    .metadata names, at least as long as it says."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return [f"{ckpt_dir} is not a folder"]
+    reasons = []
+    try:
+        load_train_params(ckpt_dir)
+    except CheckpointError as err:
+        reasons.append(str(err))
+    if not (ckpt_dir / METADATA).is_file():
+        return [f"{ckpt_dir}/{METADATA} is missing (the save did not finish: it is written last)"] + reasons
+    try:
+        needed = shard_sizes(ckpt_dir)
+    except UnsafeCheckpointError as err:  # damaged, or carrying code (CodeInCheckpointError): never loaded
+        return [str(err)] + reasons
+    for name, size in sorted(needed.items()):
+        shard = ckpt_dir / name
+        if not shard.is_file():
+            reasons.append(f"{shard} is missing (named in {METADATA})")
+        elif shard.stat().st_size < size:
+            reasons.append(f"{shard} has {shard.stat().st_size} bytes, {METADATA} says {size}")
+    return reasons
+
+
+def is_complete(ckpt_dir: str | Path) -> bool:
+    return not incomplete_reasons(ckpt_dir)
+
+
+def require_complete(ckpt_dir: str | Path) -> None:
+    """CheckpointError (one line, naming each damaged file) unless the folder is complete."""
+    reasons = incomplete_reasons(ckpt_dir)
+    if reasons:
+        raise CheckpointError(f"{ckpt_dir} is not a complete checkpoint: " + "; ".join(reasons)
+                              + ". Use an earlier step_<k> folder, or finish/re-run the save.")
+
+
+def read_latest_pointer(output_dir: str | Path) -> tuple[Path | None, str | None]:
+    """(the step folder <output_dir>/latest names, None) or (None, what is wrong with the pointer).
+    No pointer at all is (None, None). The pointer must be UTF-8 text naming a step_<k> folder beside it."""
+    pointer = Path(output_dir) / LATEST
+    if not pointer.is_file():
+        return None, None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"{pointer} is not text (damaged); it should hold a name like step_20"
+    if step_number(name) is None or "/" in name:
+        return None, f"{pointer} holds {name[:40]!r}, not a step_<k> name"
+    if not (Path(output_dir) / name).is_dir():
+        return None, f"{pointer} names {name}, which does not exist"
+    return Path(output_dir) / name, None
+
+
+def choose_latest(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """What resume=auto resumes from: the step folder `latest` names if complete, else the highest complete
+    step_<k>; and one line per file that made it pass something over (the pointer, a damaged folder)."""
+    output_dir = Path(output_dir)
+    notes = []
+    target, problem = read_latest_pointer(output_dir)
+    if problem:
+        notes.append(problem)
+    if target is not None:
+        reasons = incomplete_reasons(target)
+        if not reasons:
+            return target, notes
+        notes.append(f"skips {target}: {reasons[0]}")
+    for path in reversed(list_step_dirs(output_dir)):
+        if path == target:
+            continue
+        reasons = incomplete_reasons(path)
+        if not reasons:
+            return path, notes
+        notes.append(f"skips {path}: {reasons[0]}")
+    return None, notes
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
     """The step folder named by <output_dir>/latest if complete; else the highest complete step_<k>."""
-    output_dir = Path(output_dir)
-    pointer = output_dir / LATEST
-    if pointer.is_file():
-        candidate = output_dir / pointer.read_text().strip()
-        if is_complete(candidate):
-            return candidate
-    steps = sorted((int(p.name.split("_")[1]), p) for p in output_dir.glob("step_*")
-                   if p.name.split("_")[1].isdigit())
-    for _, path in reversed(steps):
-        if is_complete(path):
-            return path
-    return None
+    return choose_latest(output_dir)[0]
 
 
-def load_train_params(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir) / TRAIN_PARAMS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; {ckpt_dir} is not a checkpoint written by recipes_core.finetune")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+def is_run_folder(path: str | Path) -> bool:
+    """A run's output folder: it holds `latest` or step_<k> folders (and is not a checkpoint itself)."""
+    path = Path(path)
+    return not (path / METADATA).exists() and ((path / LATEST).exists() or bool(list_step_dirs(path)))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The step folder a command was given: a step folder as is; for a run folder, the one its `latest`
+    names. A path given by hand is taken strictly: a damaged pointer is an error, not a guess."""
+    path = Path(path)
+    if not (path / LATEST).exists() or (path / METADATA).exists():
+        return path
+    target, problem = read_latest_pointer(path)
+    if problem:
+        raise CheckpointError(f"{problem}; give a step_<k> folder of {path} instead")
+    return target
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never half
-
-
-def list_step_dirs(output_dir: str | Path) -> list[Path]:
-    found = [p for p in Path(output_dir).glob("step_*") if p.name.split("_")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 # ----- RNG ---------------------------------------------------------------------------------------------
@@ -228,9 +342,8 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, trainer_s
                                                          set_optimizer_state_dict)
 
     ckpt_dir = Path(ckpt_dir)
-    metadata = _read_metadata(ckpt_dir)  # raises if missing, damaged, or carrying code
-    if not is_complete(ckpt_dir):
-        raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (shard files missing or short)")
+    metadata = read_metadata(ckpt_dir)  # raises if missing, damaged, or carrying code
+    require_complete(ckpt_dir)
     saved_keys = {key.split(".")[0] for key in metadata.state_dict_metadata}
     full = {"optim", "trainer", "scheduler"} <= saved_keys
 
@@ -269,7 +382,7 @@ def measured_sizes(ckpt_dir: str | Path) -> dict[str, int]:
     """Bytes per DCP top-level key (from .metadata), plus the files on disk in all."""
     ckpt_dir = Path(ckpt_dir)
     sizes: dict[str, int] = {}
-    for index, info in _read_metadata(ckpt_dir).storage_data.items():
+    for index, info in read_metadata(ckpt_dir).storage_data.items():
         key = index.fqn.split(".")[0]
         sizes[key] = sizes.get(key, 0) + info.length
     sizes["files_on_disk"] = sum(p.stat().st_size for p in ckpt_dir.iterdir() if p.is_file())
@@ -337,13 +450,13 @@ def main(argv: list[str] | None = None) -> int:
                       help="parameter counts on paper, e.g. 7B 8B 70B or 1.5e9 (default: 7B 8B 70B)")
     args = parser.parse_args(argv)
     if args.dir:
-        ckpt = Path(args.dir)
-        if not (ckpt / METADATA).exists():
-            ckpt = find_latest(ckpt)
-            if ckpt is None:
-                print(f"error: {args.dir}: no complete checkpoint", file=sys.stderr)
-                return 2
-        print(format_size_report(size_report(ckpt)))
+        try:
+            ckpt = resolve_checkpoint(args.dir)
+            require_complete(ckpt)
+            print(format_size_report(size_report(ckpt)))
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.params is not None or not args.dir:
         for text in args.params or ["7B", "8B", "70B"]:
             print(format_paper_report(*_parse_count(text)))

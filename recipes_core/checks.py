@@ -193,10 +193,23 @@ def compare_tokenizers(a, b, title: str = "tokenizers") -> Report:
 def check_checkpoint(path) -> Report:
     """Complete or not (.metadata and every shard it names), what it holds (model, optimizer, step),
     and its size against the prediction (4 B/param weights, 8 B/trainable param for AdamW)."""
-    from recipes_core.checkpoint import measured_sizes, size_report
-    from recipes_core.convert import incomplete_reasons, load_train_params, read_metadata, resolve_checkpoint
+    from recipes_core.checkpoint import (CheckpointError, incomplete_reasons, load_train_params, measured_sizes, read_metadata,
+                                         resolve_checkpoint, size_report)
+    from recipes_core.safety import CodeInCheckpointError, UnsafeCheckpointError
 
-    ckpt_dir = resolve_checkpoint(path)
+    try:
+        ckpt_dir = resolve_checkpoint(path)
+    except CheckpointError as err:  # a run folder whose `latest` is damaged: a finding like any other
+        report = Report(f"checkpoint {path}")
+        report.add("error", str(err))
+        return report
+    if (ckpt_dir / ".metadata").is_file():
+        try:
+            read_metadata(ckpt_dir)
+        except CodeInCheckpointError:
+            raise  # a planted payload is refused outright (exit 2), not reported as damage
+        except UnsafeCheckpointError:
+            pass  # damaged: incomplete_reasons reports it
     report = Report(f"checkpoint {ckpt_dir}")
     for reason in incomplete_reasons(ckpt_dir):
         report.add("error", reason)

@@ -41,6 +41,11 @@ class DataConfig:
     max_train_examples: int = 0  # 0 = all; small numbers make quick tests
     max_eval_examples: int = 0
     shuffle: bool = True
+    # The date a chat template renders (Llama 3.1+ put "Today Date: 26 Jul 2024" in the system header, from
+    # `date_string`, else today's date). "" = today, chosen once at the start of a run and saved with it
+    # (config.yaml, each checkpoint's train_params.yaml); a resume re-uses the saved one, so the same data
+    # tokenizes the same on any day.
+    chat_date: str = ""
 
 
 @dataclass

@@ -12,12 +12,12 @@ Memory: the model is built on the meta device, materialised once, and the checkp
 are read straight into those tensors (optimizer state in the same checkpoint is never read); the
 weights are then written from those same tensors. Peak memory stays close to one copy of the model.
 No process group is needed. The folder is written under a temporary name and renamed at the end, so
-a folder named OUT is always complete.
+a folder named OUT is always complete. OUT never replaces its own input: an OUT that is, holds or lies
+inside the checkpoint, or that is another entry of its run folder (a step_<k>, `latest`), is refused
+with or without --overwrite (check_output_location).
 """
 
 from __future__ import annotations
-
-from recipes_core.errors import UserError
 
 import argparse
 import os
@@ -31,68 +31,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from recipes_core.checkpoint import LATEST, METADATA, TRAIN_PARAMS, find_latest, is_complete, load_train_params
-from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata
+from recipes_core.checkpoint import (METADATA, TRAIN_PARAMS, CheckpointError, is_run_folder, load_train_params,
+                                     read_metadata, require_complete, resolve_checkpoint)
+from recipes_core.errors import UserError
+from recipes_core.paths import UnsafeOutputError, overlap, refuse_overlap
 from recipes_core.models import build_model_from_config, reset_rotary_buffers, resolve_model_source
 from recipes_core.tokens import end_token_ids, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class CheckpointError(UserError, RuntimeError):
-    """The checkpoint folder is incomplete or does not hold what train_params.yaml says."""
-
-
 # ---------------------------------------------------------------- reading the checkpoint folder
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step folder as given; for a run folder, the newest complete step (its `latest` file first)."""
-    path = Path(path)
-    if (path / METADATA).exists() or not (path / LATEST).is_file():
-        return path
-    return find_latest(path) or path / (path / LATEST).read_text().strip()
-
-
-def incomplete_reasons(ckpt_dir: str | Path) -> list[str]:
-    """Why the folder is not a complete checkpoint (empty when it is): no .metadata, a shard that
-    .metadata names is missing or shorter than it says, or no train_params.yaml."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return [f"{ckpt_dir} is not a folder"]
-    reasons = []
-    if not (ckpt_dir / TRAIN_PARAMS).is_file():
-        reasons.append(f"{ckpt_dir}/{TRAIN_PARAMS} is missing (model config and tokenizer are read from it)")
-    if not (ckpt_dir / METADATA).is_file():
-        return [f"{ckpt_dir}/{METADATA} is missing (the save did not finish: it is written last)"] + reasons
-    if is_complete(ckpt_dir):
-        return reasons
-    for name, size in sorted(shard_sizes(ckpt_dir).items()):
-        shard = ckpt_dir / name
-        if not shard.is_file():
-            reasons.append(f"{shard} is missing (named in {METADATA})")
-        elif shard.stat().st_size < size:
-            reasons.append(f"{shard} has {shard.stat().st_size} bytes, {METADATA} says {size}")
-    return reasons
-
-
-def require_complete(ckpt_dir: Path) -> None:
-    reasons = incomplete_reasons(ckpt_dir)
-    if reasons:
-        raise CheckpointError(f"{ckpt_dir} is not a complete checkpoint:\n  - " + "\n  - ".join(reasons)
-                              + "\nUse an earlier step_<k> folder, or finish/re-run the save.")
-
-
-def read_metadata(ckpt_dir: str | Path):
-    return check_checkpoint_metadata(ckpt_dir)  # restricted unpickler: DCP's own reader uses plain pickle
-
-
-def shard_sizes(ckpt_dir: str | Path) -> dict[str, int]:
-    """{shard file: bytes .metadata says it holds at least}."""
-    needed: dict[str, int] = {}
-    for info in read_metadata(ckpt_dir).storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    return needed
 
 
 def saved_model_entries(ckpt_dir: str | Path) -> dict:
@@ -250,6 +199,26 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(old)
 
 
+def check_output_location(out_dir: Path, ckpt_dir: Path) -> None:
+    """Refuse an output that would replace or be written into the checkpoint or its run.
+
+    Refused, with or without --overwrite: OUT is the checkpoint or lies inside it (the HF files would mix
+    with the shards, or replace them); OUT contains the checkpoint (e.g. OUT is the run folder: --overwrite
+    would delete every checkpoint, metrics.jsonl and config.yaml). Inside the run folder, OUT may be a new
+    folder (the documented `convert runs/x runs/x/hf`) or one an earlier convert wrote (it holds
+    config.json or adapter_config.json, and no checkpoint): that replaces nothing the run wrote. Anything
+    else in the run folder (another step_<k>, a save in progress, latest, metrics.jsonl) is the run's."""
+    refuse_overlap(out_dir, {"the checkpoint": ckpt_dir})
+    run = ckpt_dir.resolve().parent
+    if not is_run_folder(run) or overlap(out_dir, run) != "lies inside":
+        return
+    top = run / Path(out_dir).resolve().relative_to(run).parts[0]  # the run's entry OUT is in
+    converted = (top / "config.json").is_file() or (top / "adapter_config.json").is_file()
+    if top.exists() and not (top.is_dir() and converted and not (top / METADATA).exists()):
+        raise UnsafeOutputError(f"the output {out_dir} would replace {top}, which belongs to the run {run}; "
+                                f"choose a new folder (e.g. {run / 'hf'}) or one outside the run")
+
+
 def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lora: str = "merge",
             max_shard_size: str | int = "2GB", verify: bool = False, overwrite: bool = False) -> ConvertResult:
     """Write a Hugging Face folder for `checkpoint`; see the module docstring."""
@@ -258,9 +227,11 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
     if lora not in ("merge", "adapter"):
         raise ValueError(f"lora {lora!r}: choose 'merge' (one full model) or 'adapter' (a peft adapter folder)")
     out_dir = Path(out_dir)
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    check_output_location(out_dir, ckpt_dir)  # before --overwrite may remove anything
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
-    model, params, ckpt_dir = load_model_from_checkpoint(checkpoint)
+    model, params, ckpt_dir = load_model_from_checkpoint(ckpt_dir)
     tokenizer = load_tokenizer(params["tokenizer"])
     is_lora = bool(params.get("lora"))
     if is_lora and lora == "merge":
@@ -351,8 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = convert(args.checkpoint, args.out, args.dtype, args.lora, args.max_shard_size, args.verify,
                          args.overwrite)
-    except (CheckpointError, UnsafeCheckpointError, FileExistsError, FileNotFoundError, ValueError,
-            AssertionError) as err:
+    except UserError as err:  # bad input: one line, exit 2 (CheckpointError, UnsafeCheckpointError, ...)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileExistsError, FileNotFoundError, ValueError, AssertionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(result)

@@ -21,6 +21,7 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -40,7 +41,7 @@ from recipes_core.data import load_records
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
-from recipes_core.preprocess import tokenize_records
+from recipes_core.preprocess import today_for_templates, tokenize_records
 from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
 
@@ -51,7 +52,8 @@ def tokenized(path: str, cfg: Config, tokenizer, limit: int) -> list[dict]:
     records = load_records(path, cfg.data.format)
     if limit:
         records = records.select(range(min(limit, len(records))))
-    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs)
+    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs,
+                                cfg.data.chat_date)
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     if cfg.data.packing:
         return pack_examples(examples, cfg.data.max_seq_len, tokenizer.pad_token_id)
@@ -153,6 +155,21 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * decay
 
 
+def run_chat_date(cfg: Config, resume_dir: Path | None) -> str:
+    """The date chat templates render in this run, fixed once (see DataConfig.chat_date): the config's,
+    else the one the resumed checkpoint's run used, else today. Rank 0 decides (ranks could straddle
+    midnight) and the choice is saved in config.yaml and train_params.yaml with the rest of the config."""
+    saved = ""
+    if resume_dir is not None:
+        saved = ((ckpt.load_train_params(resume_dir).get("config") or {}).get("data") or {}).get("chat_date") or ""
+    if cfg.data.chat_date:
+        if saved and saved != cfg.data.chat_date:
+            print(f"WARNING: data.chat_date={cfg.data.chat_date} differs from {saved}, the date {resume_dir} was "
+                  "trained with: chat examples will tokenize differently from before the resume", file=sys.stderr)
+        return cfg.data.chat_date
+    return saved or today_for_templates()
+
+
 def count_saved_params(model, lora: bool) -> int:
     return sum(t.numel() for t in ckpt.model_state(model, lora).values())
 
@@ -166,18 +183,15 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     D.seed_everything(cfg.train.seed, env.rank)
     preflight.check_start(cfg, env)  # config, mesh, inputs, output folder, resume checkpoint: before any step
     out = Path(cfg.checkpoint.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
-        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
 
     resume_dir = None
     if cfg.checkpoint.resume:
+        # preflight refused a damaged path given by hand; for auto it warned about what it passes over
         resume_dir = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-        if resume_dir is not None and not ckpt.is_complete(resume_dir):
-            raise FileNotFoundError(f"checkpoint.resume={resume_dir}: not a complete checkpoint folder")
         if resume_dir is None and env.is_main:
             print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
+    chat_date = D.broadcast_object(run_chat_date(cfg, resume_dir) if env.is_main else None)
+    cfg = replace(cfg, data=replace(cfg.data, chat_date=chat_date))  # a copy: the caller's config is left as is
 
     # Materialize the model source once (build tiny / convert GGUF), then every rank reads it.
     source = resolve_model_source(cfg.model.source, cfg.model.path, cfg.model.tiny_variant) if env.is_main else None
@@ -186,6 +200,10 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     tokenizer_dir = cfg.model.tokenizer or hf_dir
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
     preflight.check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir)  # pad, chat template, shapes, free disk
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails preflight leaves nothing behind
+    if env.is_main:
+        print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
+        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
     if tokenizer.pad_token_id is None:
         raise ValueError(f"{tokenizer_dir}: the tokenizer has no pad token; set one (e.g. a reserved token)")
     model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, TextStreamer
 
-from recipes_core.convert import CheckpointError, generation_config_for, load_model_from_checkpoint
+from recipes_core.convert import generation_config_for, load_model_from_checkpoint
 from recipes_core.tokens import end_token_ids, load_tokenizer
 
 MODES = ("chat", "completion")
@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f">>> {prompts[0]}")
         answers = generate(model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size,
                            args.sample, args.temperature, args.top_p, args.system, stream, args.seed)
-    except (NoChatTemplateError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except UserError as err:  # bad input (a damaged checkpoint, no chat template): one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if not stream:

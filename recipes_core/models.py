@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
+from recipes_core.paths import refuse_overlap
 from recipes_core.tokens import load_tokenizer
 
 DEFAULT_TINY_DIR = "runs/cache/tiny"
@@ -74,6 +75,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path | None = None, force: 
     if not gguf_path.is_file():
         raise FileNotFoundError(f"{gguf_path}: no such GGUF file (for SmolLM2 run `make smollm2`)")
     out = Path(out_dir) if out_dir else default_gguf_hf_dir(gguf_path)
+    refuse_overlap(out, {"the GGUF file": gguf_path}, "the converted folder")  # replaced below
     marker = out / GGUF_MARKER
     fingerprint = _gguf_fingerprint(gguf_path)
     if not force and marker.exists() and json.loads(marker.read_text()) == fingerprint:

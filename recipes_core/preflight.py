@@ -116,11 +116,22 @@ def input_errors(cfg) -> list[str]:
     return errors
 
 
+def existing_ancestor(path: Path) -> Path:
+    """The folder itself, or its nearest ancestor that exists (where a new output folder would be made)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def output_dir_errors(out: Path, rank: int) -> list[str]:
-    """Can this rank create the folder and write a file into it?"""
-    probe = out / f".preflight_write_test_rank{rank}"
+    """Can this rank write there? Probed with a file in the folder, or in its nearest existing ancestor
+    when it does not exist yet: preflight creates nothing, so a run that fails it leaves nothing behind."""
+    where = existing_ancestor(out)
+    probe = where / f".preflight_write_test_rank{rank}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not where.is_dir():
+            raise NotADirectoryError(f"{where} is a file")
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
@@ -140,38 +151,33 @@ def remove_stale_tmp(out: Path) -> list[Path]:
 def resume_errors(cfg, out: Path, rank: int) -> tuple[list[str], list[str]]:
     """(errors, warnings) about the checkpoint checkpoint.resume would load."""
     from recipes_core import checkpoint as ckpt
-    from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata, load_torch_file
+    from recipes_core.safety import (CodeInCheckpointError, UnsafeCheckpointError, check_checkpoint_metadata,
+                                     load_torch_file)
 
     errors, warnings = [], []
     if not cfg.checkpoint.resume:
         return errors, warnings
     if cfg.checkpoint.resume == "auto":
-        chosen = ckpt.find_latest(out) if out.is_dir() else None
+        # checkpoint.choose_latest says what it passed over (a damaged `latest`, train_params.yaml, shard)
+        chosen, notes = ckpt.choose_latest(out) if out.is_dir() else (None, [])
+        warnings += [f"resume=auto: {_one_line(note)}" for note in notes]
         newer = [p for p in (ckpt.list_step_dirs(out) if out.is_dir() else [])
-                 if chosen is None or int(p.name.split("_")[1]) > int(chosen.name.split("_")[1])]
-        for folder in newer:  # passed over by resume=auto: say why, refuse outright if it carries code
+                 if chosen is None or ckpt.step_number(p) > ckpt.step_number(chosen)]
+        for folder in newer:  # passed over: refuse outright if its .metadata carries code
             try:
                 check_checkpoint_metadata(folder)
-                reason = "shard files missing or short"
-            except UnsafeCheckpointError as err:
-                if "refers to" in str(err):
-                    errors.append(f"checkpoint.resume=auto: {err} Remove {folder} before resuming")
-                    return errors, warnings
-                reason = str(err)
-            except FileNotFoundError as err:
-                reason = str(err)
-            warnings.append(f"resume=auto skips {folder}: {_one_line(reason)}")
+            except CodeInCheckpointError as err:
+                errors.append(f"checkpoint.resume=auto: {err} Remove {folder} before resuming")
+                return errors, warnings
+            except (UnsafeCheckpointError, FileNotFoundError):
+                pass  # damaged or unfinished: choose_latest's notes say so
     else:
         chosen = Path(cfg.checkpoint.resume)
         if not chosen.is_dir():
             return [f"checkpoint.resume={chosen}: no such folder; give a step_<k> folder or use auto"], warnings
-        try:
-            check_checkpoint_metadata(chosen)
-        except (UnsafeCheckpointError, FileNotFoundError) as err:
-            return [f"checkpoint.resume={chosen}: {err}"], warnings
-        if not ckpt.is_complete(chosen):
-            return [f"checkpoint.resume={chosen}: not a complete checkpoint (a shard file named in .metadata is "
-                    "missing or short); resume from an earlier step_<k> folder"], warnings
+        reasons = ckpt.incomplete_reasons(chosen)  # a path given by hand: damaged is an error, no fallback
+        if reasons:
+            return [f"checkpoint.resume={chosen}: not a complete checkpoint: {reasons[0]}"], warnings
     if chosen is not None:
         rng = chosen / f"rng_rank{rank}.pt"
         if rng.is_file():
@@ -244,7 +250,7 @@ def disk_errors(cfg, model_config: dict) -> tuple[list[str], list[str]]:
     out = Path(cfg.checkpoint.output_dir)
     needed, saved, trainable = predicted_checkpoint_bytes(cfg, model_config)
     needed = int(needed * 1.02) + MIB  # DCP framing per tensor, train_params.yaml, RNG files
-    free = faults.disk_free_bytes(out)
+    free = faults.disk_free_bytes(existing_ancestor(out))  # the folder is made once preflight passed
     per_param = 12 if cfg.checkpoint.save_optimizer and not cfg.lora.enabled else None
     how = f"{saved:,} parameters" + (f" x {per_param} B with the optimizer" if per_param else "")
     if free < needed:
@@ -276,7 +282,7 @@ def shape_errors(cfg, model_config: dict) -> list[str]:
     chosen = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
     if chosen is None:
         return []
-    saved = {key[len("model."):]: meta.size for key, meta in ckpt._read_metadata(chosen).state_dict_metadata.items()
+    saved = {key[len("model."):]: meta.size for key, meta in ckpt.read_metadata(chosen).state_dict_metadata.items()
              if key.startswith("model.") and hasattr(meta, "size")}
     expected = {name: t.shape for name, t in build_model_from_config(model_config, "meta").state_dict().items()}
     wrong = [f"{name} is {list(saved[name])} in the checkpoint, {list(shape)} in the model"

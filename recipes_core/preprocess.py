@@ -82,18 +82,21 @@ def tokenize_classification(record: dict, tokenizer: PreTrainedTokenizerBase, ma
     return _prompt_answer(tokenizer, classification_prompt(record), answer, max_seq_len, train_on_inputs)
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
+                    template_vars: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Render the conversation with the tokenizer's own chat template and return (text, spans): the
     character span of each assistant turn's content plus its end-of-turn marker.
 
     Nothing here knows a template: the prompt before turn i is the rendering of messages[:i] with the
     generation prompt; the turn is what rendering messages[:i+1] adds after it. The end-of-turn marker
     is what follows the content up to the next whitespace (<|eot_id|> in Llama 3, <|im_end|> in ChatML).
+    template_vars are extra template variables, e.g. {"date_string": "26 Jul 2024"} (see chat_template_vars).
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat_template: chat data needs one (use the instruct "
                          "tokenizer, or the Alpaca format for a base model)")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen,
+                                                             **(template_vars or {}))
     text = render(messages, False)
     spans = []
     for i, message in enumerate(messages):
@@ -118,11 +121,25 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) ->
     return text, spans
 
 
+def chat_template_vars(chat_date: str = "") -> dict:
+    """Template variables that pin what a template would otherwise take from the clock: Llama 3.1+
+    templates render `date_string` when it is given, else strftime_now("%d %b %Y") (today)."""
+    return {"date_string": chat_date} if chat_date else {}
+
+
+def today_for_templates() -> str:
+    """Today's date in the format Llama 3.1+ templates render it ("03 Dec 2026")."""
+    import datetime
+
+    return datetime.datetime.now().strftime("%d %b %Y")
+
+
 def tokenize_chat(record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None = None,
-                  train_on_inputs: bool = False) -> dict[str, Any]:
+                  train_on_inputs: bool = False, chat_date: str = "") -> dict[str, Any]:
     """Only assistant turns (content and end-of-turn token) supervised; system/user turns and role
-    headers masked. Token ids come from the rendered text's offsets, not from hard-coded ids."""
-    text, spans = assistant_spans(tokenizer, record["messages"])
+    headers masked. Token ids come from the rendered text's offsets, not from hard-coded ids.
+    chat_date: the date the template renders ("" = whatever the template does: today for Llama 3.1+)."""
+    text, spans = assistant_spans(tokenizer, record["messages"], chat_template_vars(chat_date))
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoding["input_ids"]
     labels = []
@@ -142,11 +159,12 @@ FORMATS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def tokenize_records(records, fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None = None,
-                     train_on_inputs: bool = False) -> list[dict[str, Any]]:
+                     train_on_inputs: bool = False, chat_date: str = "") -> list[dict[str, Any]]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {sorted(FORMATS)}")
     tokenize = FORMATS[fmt]
-    return [tokenize(record, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs)
+    extra = {"chat_date": chat_date} if fmt == "chat" else {}
+    return [tokenize(record, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs, **extra)
             for record in records]
 
 

@@ -27,6 +27,7 @@ from make_datasets import write_all  # noqa: E402
 from recipes_core.convert import convert  # noqa: E402
 from recipes_core.data import load_records  # noqa: E402
 from recipes_core.launch import launch_command  # noqa: E402
+from recipes_core.paths import refuse_overlap  # noqa: E402
 from recipes_core.infer import generate, load_for_inference  # noqa: E402
 from recipes_core.tiny import build_tiny  # noqa: E402
 
@@ -99,6 +100,8 @@ def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, np
 
     print(f"[3/5] fine-tuning on {nproc} ranks with FSDP for {steps} steps ...", flush=True)
     checkpoints, hf_dir = out / "checkpoints", out / "hf"
+    # Removed before the run (a fresh start), so it must hold none of this run's inputs.
+    refuse_overlap(checkpoints, {"the data folder": data_dir, "the model folder": instruct}, "--out's checkpoints")
     shutil.rmtree(checkpoints, ignore_errors=True)
     finetune(instruct, data_dir, checkpoints, steps, nproc, out / "finetune.log")
 

@@ -37,6 +37,10 @@ class UnsafeCheckpointError(UserError, RuntimeError):
     """A checkpoint file that would run code, or is not what it claims to be."""
 
 
+class CodeInCheckpointError(UnsafeCheckpointError):
+    """The file refers to a callable no checkpoint contains: refused outright, never skipped over."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, file, source: Path):
         super().__init__(file)
@@ -48,7 +52,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format,
                                                                          torch.layout)):
             return getattr(torch, name)
-        raise UnsafeCheckpointError(
+        raise CodeInCheckpointError(
             f"{self.source}: refers to {module}.{name}, which checkpoint metadata never contains; refusing to "
             "load it (it could run code). Only load checkpoints you produced or trust.")
 

@@ -166,7 +166,7 @@ def test_bad_checkpoint_is_refused_and_leaves_no_output(name, good_checkpoint, t
     damage, needles = CHECKPOINT_CASES[name]
     damage(ckpt)
     out = tmp_path / "hf"
-    assert main([str(ckpt), str(out)]) == 1
+    assert main([str(ckpt), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err, err
     for needle in needles:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from recipes_core.checkpoint import (PAPER_MODELS, _weights_only_planner, find_latest, is_complete,
+from recipes_core.checkpoint import (PAPER_MODELS, CheckpointError, _weights_only_planner, find_latest, is_complete,
                                      load_train_params, measured_sizes, predict_sizes, rng_state, set_rng_state)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_find_latest_follows_the_pointer_and_skips_incomplete_steps(tmp_path):
     shutil.copytree(tmp_path / "step_2", tmp_path / ".tmp_step_20")  # a save in progress is never chosen
     assert find_latest(tmp_path) == tmp_path / "step_2"
     assert load_train_params(tmp_path / "step_2") == {"step": 2}
-    with pytest.raises(FileNotFoundError, match="train_params.yaml"):
+    with pytest.raises(CheckpointError, match="train_params.yaml is missing"):
         load_train_params(tmp_path)
 
 

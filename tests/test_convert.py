@@ -134,7 +134,7 @@ def test_incomplete_checkpoints_are_refused(tiny_models, tmp_path, capsys):
     shard.with_suffix(".moved").rename(shard)
 
     (ckpt / ".metadata").rename(ckpt / "metadata.moved")
-    assert convert_main([str(ckpt), str(tmp_path / "hf")]) == 1
+    assert convert_main([str(ckpt), str(tmp_path / "hf")]) == 2
     assert ".metadata is missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no half-written folder
 
@@ -176,3 +176,71 @@ def test_lora_checkpoint_written_by_finetune(tiny_models, tmp_path):
     answers = [generate(*load_for_inference(folder), ["Give the first item of the list.\nmango, wolf"], max_new_tokens=4)
                for folder in (tmp_path / "adapter", tmp_path / "merged", tmp_path / "lora")]
     assert answers[0] == answers[1] == answers[2]  # adapter folder, merged folder, checkpoint itself
+
+
+# ----- no command replaces its own input ---------------------------------------------------------------
+
+def _hashes(folder) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def two_step_run(tiny_models, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"])).eval()
+    run = tmp_path / "run"
+    write_checkpoint(model, run, tiny_models["instruct"], step=1)
+    write_checkpoint(model, run, tiny_models["instruct"], step=2)  # latest -> step_2
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    (run / "config.yaml").write_text("train: {}\n")
+    return run
+
+
+@pytest.mark.parametrize("source, out, overwrite", [
+    ("step_2", "step_2", True),        # the checkpoint itself
+    ("", "", True),                    # the run folder: every checkpoint, metrics.jsonl, config.yaml
+    ("step_2", "step_2/hf", False),    # inside the checkpoint
+    ("step_2", "", True),              # contains the checkpoint
+    ("", "step_2", True),              # the checkpoint `latest` names
+    ("step_2", "step_1", True),        # another checkpoint of the run
+    ("step_2", "latest", True),        # a file the run wrote
+    ("step_2", "step_1/../step_2", True),
+])
+def test_convert_never_replaces_its_source(two_step_run, source, out, overwrite, capsys):
+    run = two_step_run
+    before = _hashes(run)
+    args = [str(run / source), str(run / out)] + (["--overwrite"] if overwrite else [])
+    assert convert_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert _hashes(run) == before, "the source changed"
+
+
+def test_convert_into_a_new_folder_of_the_run_is_allowed(two_step_run):
+    """`convert runs/x runs/x/hf` (the documented command) writes a new folder beside the checkpoints;
+    converting again with --overwrite replaces only that earlier output."""
+    run = two_step_run
+    before = _hashes(run)
+    assert convert_main([str(run), str(run / "hf")]) == 0
+    assert convert_main([str(run), str(run / "hf"), "--overwrite"]) == 0
+    assert {k: v for k, v in _hashes(run).items() if not k.startswith("hf/")} == before
+    assert (run / "hf" / "config.json").is_file()
+
+
+def test_other_folder_replacing_commands_refuse_their_input(tmp_path):
+    """gguf_to_hf replaces its output folder: a folder holding the GGUF file itself is refused before
+    anything is read or removed. The same rule (recipes_core.paths) guards the quickstart's checkpoints."""
+    from recipes_core.models import gguf_to_hf
+    from recipes_core.paths import UnsafeOutputError, overlap
+
+    gguf = tmp_path / "models" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF not really")
+    for out in (gguf.parent, tmp_path, gguf):
+        with pytest.raises(UnsafeOutputError, match="the GGUF file"):
+            gguf_to_hf(gguf, out, force=True)
+    assert gguf.read_bytes() == b"GGUF not really"
+    assert [overlap(tmp_path / "a", tmp_path / "a" / "b"), overlap(tmp_path / "a" / "b", tmp_path / "a"),
+            overlap(tmp_path / "a", tmp_path / "b")] == ["contains", "lies inside", None]

@@ -64,5 +64,5 @@ def test_command_streams_one_prompt_and_batches_a_file(quickstart_run, tiny_mode
     printed = capsys.readouterr().out
     assert all(a["answer"] in printed for a in answered[:5])
 
-    assert main([str(tiny_models["base"]), "--prompt", "hi"]) == 1  # chat with a base model
+    assert main([str(tiny_models["base"]), "--prompt", "hi"]) == 2  # chat with a base model
     assert "no chat template" in capsys.readouterr().err

@@ -42,8 +42,7 @@ def assert_refused_before_training(code: int, err: str, out: Path, *needles: str
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert "Traceback" not in err
-    if out.exists():
-        assert not list(out.glob("step_*")) and not (out / "metrics.jsonl").exists(), list(out.iterdir())
+    assert not out.exists(), f"a run that failed preflight left {out} behind: {list(out.iterdir())}"
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +113,17 @@ def test_world_size_that_does_not_divide_the_hsdp_mesh(tiny_models, tmp_path, ca
 
 
 def test_tokenizer_without_pad_token(tiny_models, tokenizer_variants, tmp_path, capsys):
-    out = tmp_path / "run"
+    out = tmp_path / "new" / "run"  # neither folder exists: preflight must create neither
     code, err = run_main([*model_args(tiny_models), f"model.tokenizer={tokenizer_variants['no_pad']}",
                           f"checkpoint.output_dir={out}"], capsys)
     assert_refused_before_training(code, err, out, "no pad token", str(tokenizer_variants["no_pad"]))
+    assert not out.parent.exists()
+    # A folder that existed before keeps exactly its contents (no config.yaml is written into it).
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    code, err = run_main([*model_args(tiny_models), f"model.tokenizer={tokenizer_variants['no_pad']}",
+                          f"checkpoint.output_dir={tmp_path / 'mine'}"], capsys)
+    assert code == 2 and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"], err[-2000:]
 
 
 def test_chat_data_with_a_tokenizer_without_chat_template(tiny_models, tokenizer_variants, tmp_path, capsys):

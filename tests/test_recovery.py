@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -145,6 +147,7 @@ def test_unfinished_save_is_never_chosen(tmp_path):
 
     def save(name: str) -> Path:
         dcp.save({"model": {"w": torch.arange(1000.0)}}, checkpoint_id=str(tmp_path / name), no_dist=True)
+        (tmp_path / name / "train_params.yaml").write_text("step: 0\n")
         return tmp_path / name
 
     save("step_2")
@@ -157,3 +160,165 @@ def test_unfinished_save_is_never_chosen(tmp_path):
     (tmp_path / "latest").write_text("step_6\n")
     assert find_latest(tmp_path) == tmp_path / "step_2"
     assert remove_stale_tmp(tmp_path) == [tmp] and not tmp.exists()
+
+
+# ----- damaged checkpoints and the date a chat template renders ----------------------------------------
+# Llama 3.1+ templates put today's date in the system header ("Today Date: 03 Dec 2026", from
+# strftime_now unless `date_string` is given). The tiny tokenizer gets such a template here.
+
+DATED_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+    "{%- endif %}{%- endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n'"
+    " + 'Today Date: ' + date_string + '<|eot_id|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+DAYS_LATER = 400
+
+
+def faketime_env(days: int) -> dict:
+    """libfaketime (the `libfaketime` package bundles the preload library): the child's wall clock runs
+    `days` later; monotonic clocks (timeouts) are left alone."""
+    import libfaketime
+
+    _, additions = libfaketime.get_reload_information()
+    return {**additions, "FAKETIME": f"+{days}d", "DONT_FAKE_MONOTONIC": "1"}
+
+
+@pytest.fixture(scope="module")
+def dated_tokenizer(tiny_models, tmp_path_factory) -> Path:
+    from recipes_core.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_models["instruct"])
+    tokenizer.chat_template = DATED_TEMPLATE
+    folder = tmp_path_factory.mktemp("dated_tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_template_date_changes_the_tokens(dated_tokenizer):
+    """Why the date must be fixed: the same conversation, rendered on two days, is two token sequences."""
+    from recipes_core.data import load_records
+    from recipes_core.preprocess import tokenize_chat
+    from recipes_core.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(dated_tokenizer)
+    record = load_records(REPO / "cookbook" / "data" / "chat_train.jsonl", "chat")[0]
+    today, later = (tokenize_chat(record, tokenizer, chat_date=d)["input_ids"] for d in ("03 Dec 2026", "07 Jan 2028"))
+    assert today != later
+    assert tokenize_chat(record, tokenizer, chat_date="03 Dec 2026")["input_ids"] == today
+
+
+@pytest.fixture(scope="module")
+def dated_straight_run(tiny_models, dated_tokenizer, tmp_path_factory) -> dict:
+    """8 steps on 2 ranks with the dated template, checkpoints at 2, 4, 6, 8 (today's clock)."""
+    out = tmp_path_factory.mktemp("dated") / "straight"
+    overrides = [f"model.tokenizer={dated_tokenizer}", "data.max_seq_len=96"]  # the system header: ~20 tokens
+    torchrun(2, out, tiny_models["instruct"], overrides)
+    return {"out": out, "overrides": overrides}
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_fall_back_and_a_later_day_resumes_exactly(dated_straight_run, tiny_models, tmp_path):
+    """A copy of the straight run with step_8's train_params.yaml invalid YAML, step_6's a plain string
+    and `latest` binary garbage: resume=auto warns once per damaged file and resumes from step_4, on a
+    clock 400 days later; steps 5..8 must log exactly the straight run's losses (the saved date is
+    re-used; with today's date the system header, hence every loss, would differ)."""
+    straight = dated_straight_run["out"]
+    chat_date = yaml.safe_load((straight / "config.yaml").read_text())["data"]["chat_date"]
+    assert chat_date and yaml.safe_load((straight / "step_2" / "train_params.yaml").read_text())[
+        "config"]["data"]["chat_date"] == chat_date
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("step_2", "step_4", "step_6", "step_8"):
+        shutil.copytree(straight / name, run / name)
+    (run / "step_8" / "train_params.yaml").write_text("config: {data: [unclosed\n")
+    (run / "step_6" / "train_params.yaml").write_text("just a string\n")
+    (run / "latest").write_bytes(b"\xff\xfe\x00garbage\x9c")
+
+    env = child_env(**faketime_env(DAYS_LATER))
+    later = subprocess.run([sys.executable, "-c", "import datetime; print(datetime.date.today())"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    import datetime
+
+    assert later == str(datetime.date.today() + datetime.timedelta(days=DAYS_LATER)), later  # the clock moved
+    proc = torchrun(2, run, tiny_models["instruct"], dated_straight_run["overrides"], env=env)
+    logs = proc.stdout + proc.stderr
+    warnings = [line for line in logs.splitlines() if line.startswith("WARNING: resume=auto")]
+    for damaged in (run / "latest", run / "step_8" / "train_params.yaml", run / "step_6" / "train_params.yaml"):
+        assert sum(str(damaged) in line for line in warnings) == 1, (damaged, warnings)
+    assert f"resumed from {run / 'step_4'} at step 4" in logs
+    assert "Traceback" not in logs
+    reference = {r["step"]: r["loss"] for r in train_records(straight)}
+    resumed = {r["step"]: r["loss"] for r in train_records(run)}
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["chat_date"] == chat_date
+
+
+DAMAGE = {
+    # name: (damage to a copy of a run folder, the file the error must name)
+    "train_params.yaml invalid YAML": (lambda run: (run / "step_1" / "train_params.yaml").write_text("a: [b\n"),
+                                       "step_1/train_params.yaml"),
+    "train_params.yaml a plain string": (lambda run: (run / "step_1" / "train_params.yaml").write_text("hello\n"),
+                                         "step_1/train_params.yaml"),
+    "latest binary garbage": (lambda run: (run / "latest").write_bytes(b"\x80\xff\x00\x9c"), "run/latest"),
+    "latest names no folder": (lambda run: (run / "latest").write_text("step_99\n"), "run/latest"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_models, tmp_path_factory) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["instruct"]))
+    run = tmp_path_factory.mktemp("small") / "run"
+    write_checkpoint(model, run, tiny_models["instruct"], step=1)
+    return run
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGE))
+def test_a_damaged_checkpoint_given_by_path_is_one_error(name, small_run, tmp_path, capsys):
+    """convert and infer: exit 2, one `error:` line naming the damaged file, no traceback, nothing written
+    or changed. doctor checkpoint reports the same file as a FAILED check (exit 1, its report contract)."""
+    import hashlib
+
+    from recipes_core.convert import main as convert
+    from recipes_core.doctor import main as doctor
+    from recipes_core.infer import main as infer
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    damage, needle = DAMAGE[name]
+    damage(run)
+    target = run / "step_1" if "train_params" in name else run
+    before = {p: hashlib.sha256(p.read_bytes()).digest() for p in run.rglob("*") if p.is_file()}
+    for command, args in ((convert, [str(target), str(tmp_path / "hf")]), (infer, [str(target), "--prompt", "hi"])):
+        assert command(args) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert doctor(["checkpoint", str(target)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and any(needle in line and "[error]" in line for line in out.splitlines()), out
+    assert not (tmp_path / "hf").exists()
+    assert {p: hashlib.sha256(p.read_bytes()).digest() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_choose_latest_says_why_it_passed_a_step_over(small_run, tmp_path):
+    """What resume=auto uses: a `latest` naming a missing folder falls back to the newest complete step."""
+    from recipes_core.checkpoint import choose_latest
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "latest").write_text("step_99\n")
+    chosen, notes = choose_latest(run)
+    assert chosen == run / "step_1" and len(notes) == 1 and "step_99, which does not exist" in notes[0]

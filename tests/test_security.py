@@ -61,7 +61,7 @@ def test_convert_refuses_a_malicious_metadata(poisoned, tmp_path, capsys):
     code = main([str(poisoned["ckpt"]), str(out)])
     assert not poisoned["marker"].exists(), "the payload ran"
     if poisoned["kind"] == "metadata":
-        assert code == 1
+        assert code == 2
         err = capsys.readouterr().err
         assert "refusing to load it" in err and ("os.system" in err or "posix.system" in err), err
         assert not out.exists()
