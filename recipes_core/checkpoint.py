@@ -55,6 +55,7 @@ import torch
 import yaml
 
 from recipes_core import faults
+from recipes_core.errors import UsageError, command
 from recipes_core.safety import check_checkpoint_metadata, load_torch_file
 
 LATEST = "latest"
@@ -324,9 +325,13 @@ def _parse_count(text: str) -> tuple[int, str]:
     if text.upper() in PAPER_MODELS:
         return PAPER_MODELS[text.upper()], text.upper()
     scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1].upper(), 1)
-    return int(float(text.rstrip("kKmMbB")) * scale), text
+    try:
+        return int(float(text.rstrip("kKmMbB")) * scale), text
+    except ValueError:
+        raise UsageError(f"--params {text}: not a parameter count; write e.g. 7B, 135M or 1.5e9") from None
 
 
+@command  # bad input -> one `error:` line, exit 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.checkpoint",
                                      description="checkpoint size report: predicted bytes against files on disk")
@@ -341,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (ckpt / METADATA).exists():
             ckpt = find_latest(ckpt)
             if ckpt is None:
-                print(f"error: {args.dir}: no complete checkpoint", file=sys.stderr)
-                return 2
+                raise UsageError(f"{args.dir}: no complete checkpoint (no step_<k> folder with its .metadata); give a "
+                                 "step_<k> folder or the run's output folder")
         print(format_size_report(size_report(ckpt)))
     if args.params is not None or not args.dir:
         for text in args.params or ["7B", "8B", "70B"]:

@@ -17,7 +17,7 @@ a folder named OUT is always complete.
 
 from __future__ import annotations
 
-from recipes_core.errors import UserError
+from recipes_core.errors import UserError, command
 
 import argparse
 import os
@@ -41,6 +41,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class CheckpointError(UserError, RuntimeError):
     """The checkpoint folder is incomplete or does not hold what train_params.yaml says."""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """The output folder exists and --overwrite was not given."""
 
 
 # ---------------------------------------------------------------- reading the checkpoint folder
@@ -259,7 +263,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
         raise ValueError(f"lora {lora!r}: choose 'merge' (one full model) or 'adapter' (a peft adapter folder)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
+        raise OutputExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
     model, params, ckpt_dir = load_model_from_checkpoint(checkpoint)
     tokenizer = load_tokenizer(params["tokenizer"])
     is_lora = bool(params.get("lora"))
@@ -337,6 +341,7 @@ def verify_conversion(out_dir: str | Path, reference, tokenizer=None, tolerance:
     return diff
 
 
+@command  # bad input (a damaged checkpoint, an existing output) -> one `error:` line, exit 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.convert", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="step_<k> folder, or a run folder with a `latest` file")
@@ -351,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = convert(args.checkpoint, args.out, args.dtype, args.lora, args.max_shard_size, args.verify,
                          args.overwrite)
-    except (CheckpointError, UnsafeCheckpointError, FileExistsError, FileNotFoundError, ValueError,
-            AssertionError) as err:
+    except AssertionError as err:  # --verify found different logits: a failed conversion, not bad input
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(result)

@@ -38,7 +38,7 @@ DATA_CASES = {
                           "DataFormatError", ["row 1", "messages[0].role", "'bot'"]),
     "label out of range": ("p.jsonl", json.dumps({"sentence1": "a", "sentence2": "b", "label": 2}) + "\n",
                            "classification", "DataFormatError", ["row 1", "field 'label'", "0 or 1"]),
-    "missing data file": ("missing.jsonl", None, "alpaca", "FileNotFoundError", ["missing.jsonl", "no such data file"]),
+    "missing data file": ("missing.jsonl", None, "alpaca", "DataFileNotFoundError", ["missing.jsonl", "no such data file"]),
 }
 
 
