@@ -41,9 +41,37 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _launcher_store():
+    """The key-value store of the torchrun agent that started this process (None outside torchrun)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=60))
+
+
+def _report_key() -> str:
+    return f"recipes_core/error_reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def report(err: BaseException) -> None:
+    """Rank 0 prints the line; under torchrun the other ranks wait (up to a minute) until it has, because
+    torchrun stops every rank as soon as one exits with an error, and rank 0 may still be importing."""
     if is_rank0():
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+    try:
+        store = _launcher_store()
+        if store is None:
+            return
+        if is_rank0():
+            store.set(_report_key(), "1")
+        else:
+            store.wait([_report_key()])
+    except Exception:  # no store, or rank 0 never reported (its own error differs): exit anyway
+        pass
 
 
 def command(main):

@@ -208,11 +208,9 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     evals = eval_batches(eval_set, cfg, env, collate) if eval_set else []
     accum = cfg.train.grad_accum_steps
     steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:  # the same on every rank: all stop here, before the model is built
-        raise preflight.PreflightError(
-            f"preflight: data.train_path={cfg.data.train_path}: {len(train_set)} training examples are fewer than "
-            f"one global batch ({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks); add rows or "
-            "lower train.micro_batch_size / train.grad_accum_steps")
+    preflight.agree([f"data.train_path={cfg.data.train_path}: {len(train_set)} training examples are fewer than one "
+                     f"global batch ({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks); add rows or "
+                     "lower train.micro_batch_size / train.grad_accum_steps"] if steps_per_epoch == 0 else [], env)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
 
     model, precision, mesh_shape = build_sharded_model(cfg, env, hf_dir, model_config)

@@ -12,8 +12,11 @@ Two calls from recipes_core.finetune.train:
                           once the tokenizer and the model config are known: a pad token, a chat template
                           for chat data, the resume checkpoint's shapes against the model config, and free
                           disk for the predicted checkpoint size (checkpoint.predict_sizes)
+  check_data(cfg, env, tokenizer, embedding_rows)
+                          every row loaded and tokenized before the model is built: bad rows (file, row and
+                          field named), no supervised token left, a token id past the model's embedding
 
-Every rank runs the checks; a failure anywhere is agreed on with one all-reduce, so all ranks stop
+Every rank runs the checks; a failure anywhere is agreed on with one all_gather_object (agree), so all ranks stop
 together (none is left waiting in a collective). A failure raises PreflightError, which the command line
 prints as `error: preflight: ...` and exits with status 2.
 """
@@ -35,19 +38,18 @@ class PreflightError(UserError, ValueError):
     """The run cannot start or could not finish; the message names what and how to fix it."""
 
 
-def _agree(errors: list[str], env) -> None:
-    """Raise on every rank when any rank found a problem (ranks report their own)."""
+def agree(errors: list[str], env) -> None:
+    """Raise on every rank when any rank found a problem; the message is the first problem of the lowest
+    rank that found one, so rank 0 (the one that prints) reports it even when it found nothing itself."""
     import torch.distributed as dist
 
-    failed = len(errors)
+    first = errors[0] if errors else None
     if env is not None and env.world_size > 1 and dist.is_initialized():
-        from recipes_core.distributed import all_reduce_sum
-
-        failed = int(all_reduce_sum(failed, env.device).item())
-    if errors:
-        raise PreflightError("preflight: " + one_line(errors[0]))
-    if failed:
-        raise PreflightError("preflight: another rank failed its checks (its error is printed above)")
+        firsts = [None] * env.world_size
+        dist.all_gather_object(firsts, first)
+        first = next((e for e in firsts if e), None)
+    if first:
+        raise PreflightError("preflight: " + one_line(first))
 
 
 # ----- before anything is loaded -----------------------------------------------------------------------
@@ -186,7 +188,7 @@ def check_start(cfg, env) -> None:
         if env.is_main:
             for line in warnings:
                 print(f"WARNING: {line}", file=sys.stderr)
-    _agree(errors, env)
+    agree(errors, env)
     if env.is_main:
         for folder in remove_stale_tmp(out):
             print(f"preflight: removed {folder}, an unfinished save of an earlier run", file=sys.stderr)
@@ -292,7 +294,7 @@ def check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir) -> None:
     if env.is_main:
         for line in warnings:
             print(f"WARNING: {line}", file=sys.stderr)
-    _agree(errors, env)
+    agree(errors, env)
 
 
 # ----- the data, tokenized as the run will see it -----------------------------------------------------
@@ -321,5 +323,5 @@ def check_data(cfg, env, tokenizer, embedding_rows: int) -> dict[str, list[dict]
             continue
         errors += untrainable_errors(examples[split], f"data.{split}_path={path}",
                                      f"data.max_seq_len={cfg.data.max_seq_len}", embedding_rows, tokenizer)
-    _agree(errors, env)
+    agree(errors, env)
     return examples
