@@ -90,11 +90,11 @@ def input_errors(cfg) -> list[str]:
         errors.append(f"model.path={cfg.model.path}: not a Hugging Face model folder (no config.json); point it "
                       "at a folder written by save_pretrained, or use model.source=hub for a hub name")
     elif cfg.model.source == "hf":  # a damaged config.json or safetensors header, found before any load
-        errors += [f"model.path={cfg.model.path}: {e}" for e in model_folder_errors(cfg.model.path)]
+        errors += [f"model.path: {e}" for e in model_folder_errors(cfg.model.path)]  # each names its file
         if not cfg.model.tokenizer and tokenizer_folder_error(cfg.model.path):
-            errors.append(f"model.path={cfg.model.path}: {tokenizer_folder_error(cfg.model.path)}")
+            errors.append(f"model.path: {tokenizer_folder_error(cfg.model.path)}")
     if cfg.model.tokenizer and tokenizer_folder_error(cfg.model.tokenizer):
-        errors.append(f"model.tokenizer={cfg.model.tokenizer}: {tokenizer_folder_error(cfg.model.tokenizer)}")
+        errors.append(f"model.tokenizer: {tokenizer_folder_error(cfg.model.tokenizer)}")
     if cfg.model.source == "gguf" and not Path(cfg.model.path).is_file():
         errors.append(f"model.path={cfg.model.path}: no such GGUF file")
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).exists() and "/" in cfg.model.tokenizer \

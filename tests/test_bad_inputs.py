@@ -370,28 +370,62 @@ def _write_case(root: Path, files: dict) -> None:
             (root / name).write_bytes(content)
 
 
-@pytest.mark.parametrize("name", list(FINETUNE_CASES))
-def test_finetune_bad_input_under_torchrun(name, tiny_models, tmp_path):
+def _finetune_argv(name: str, root: Path, tiny_models) -> list[str]:
+    """Write case `name`'s inputs under root and return its finetune arguments."""
+    files, damage, args, _ = FINETUNE_CASES[name]
+    root.mkdir(parents=True)
+    _write_case(root, files)
+    model = _model_copy(tiny_models, root, damage) if damage else tiny_models["instruct"]
+    args = [a.format(dir=root) for a in args]
+    config = [] if "--config" in args else ["--config", str(REPO / "cookbook" / "tiny_full.yaml")]
+    train = [] if any(a.startswith("data.train_path=") for a in args) else [f"data.train_path={root / 't.jsonl'}"]
+    if train and not (root / "t.jsonl").exists():  # the case damages something else: a good data file
+        (root / "t.jsonl").write_text((ALPACA_ROW + "\n") * 16)
+    return [*config, *args, *train, "model.source=hf", f"model.path={model}", "data.eval_path=",
+            "train.micro_batch_size=1", "train.grad_accum_steps=1", "log.progress_bar=false", "log.tensorboard=false",
+            f"checkpoint.output_dir={root.parent / (root.name + '_run')}"]
+
+
+def _error_line(output: str, *needles: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_finetune_bad_inputs_under_torchrun(tiny_models, tmp_path):
+    """Every case through finetune's own main on 2 ranks of one torchrun job (one launch for all; see
+    tests/bad_inputs_ranks.py): exit status 2 on both ranks, one `error:` line from rank 0 and none from
+    rank 1, the file (row, field, line) named, no traceback, the inputs unchanged, no checkpoint."""
+    from recipes_core.launch import run_script
+
+    cases = {name: _finetune_argv(name, tmp_path / f"case{i}", tiny_models) for i, name in enumerate(FINETUNE_CASES)}
+    before = {name: _tree_bytes(tmp_path / f"case{i}") for i, name in enumerate(FINETUNE_CASES)}
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = run_script(REPO / "tests" / "bad_inputs_ranks.py", [tmp_path / "cases.json", tmp_path], nproc=2, cwd=REPO,
+                      check=False, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for i, (name, (_, _, _, needles)) in enumerate(FINETUNE_CASES.items()):
+        root = tmp_path / f"case{i}"
+        assert ranks[0][name]["code"] == ranks[1][name]["code"] == 2, (name, ranks[0][name], ranks[1][name])
+        line = _error_line(ranks[0][name]["output"], *[n.format(dir=root) for n in needles])
+        assert "error:" not in ranks[1][name]["output"] and "Traceback" not in ranks[1][name]["output"], name
+        print(f"{name}: {line}")
+        assert _tree_bytes(root) == before[name], name
+        assert not list((tmp_path / f"case{i}_run").glob("step_*")), name
+
+
+def test_finetune_bad_data_exits_2_from_the_launcher(tiny_models, tmp_path):
+    """One case as a whole job: the launcher itself exits 2, rank 0 alone prints the line."""
     from recipes_core.launch import run_recipe
 
-    files, damage, args, needles = FINETUNE_CASES[name]
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    _write_case(inputs, files)
-    model = _model_copy(tiny_models, inputs, damage) if damage else tiny_models["instruct"]
-    args = [a.format(dir=inputs) for a in args]
-    config = [] if "--config" in args else ["--config", str(REPO / "cookbook" / "tiny_full.yaml")]
-    train = [] if any(a.startswith("data.train_path=") for a in args) else [f"data.train_path={inputs / 't.jsonl'}"]
-    if not (inputs / "t.jsonl").exists() and train:  # the case damages something else: a good data file
-        (inputs / "t.jsonl").write_text((ALPACA_ROW + "\n") * 16)
-    before = _tree_bytes(inputs)
-    proc = run_recipe([*config, *args, *train, "model.source=hf", f"model.path={model}", "data.eval_path=",
-                       "train.micro_batch_size=1", "train.grad_accum_steps=1", "log.progress_bar=false",
-                       "log.tensorboard=false", f"checkpoint.output_dir={tmp_path / 'run'}"],
-                      nproc=2, cwd=REPO, check=False, env={"OMP_NUM_THREADS": "1"})
-    _assert_one_error_line(proc, *[n.format(dir=inputs) for n in needles])
-    assert _tree_bytes(inputs) == before
-    assert not list((tmp_path / "run").glob("step_*"))
+    args = _finetune_argv("invalid UTF-8", tmp_path / "case", tiny_models)
+    before = _tree_bytes(tmp_path / "case")
+    proc = run_recipe(args, nproc=2, cwd=REPO, check=False, env={"OMP_NUM_THREADS": "1"})
+    _assert_one_error_line(proc, "t.jsonl", "line 2", "not UTF-8")
+    assert _tree_bytes(tmp_path / "case") == before
 
 
 def test_a_bom_is_accepted(tmp_path):
