@@ -462,37 +462,30 @@ def test_doctor_data_refuses_what_training_would(tiny_models, tmp_path):
     assert _tree_bytes(tmp_path) == before
 
 
-def test_infer_bad_inputs(tiny_models, tmp_path):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n{\"prompt\": \n")
-    before = _tree_bytes(tmp_path)
-    proc = _python_m("recipes_core.infer", tiny_models["instruct"], "--prompts-file", prompts)
-    _assert_one_error_line(proc, "p.jsonl", "row 2", "invalid JSON")
+def test_infer_batch_size_zero(tiny_models, tmp_path):
     proc = _python_m("recipes_core.infer", tiny_models["instruct"], "--prompt", "hi", "--batch-size", 0)
     _assert_one_error_line(proc, "--batch-size 0", "at least 1")
-    assert _tree_bytes(tmp_path) == before
 
 
 def test_every_command_exits_2_with_one_error_line(tiny_models, good_checkpoint, tmp_path):
-    """Issue 14: one wrapper for every command; each gets one bad input and answers the same way."""
-    from recipes_core.launch import run_recipe
-
+    """Issue 14: one wrapper for every command; each gets one bad input and answers the same way (finetune:
+    test_finetune_bad_data_exits_2_from_the_launcher)."""
     missing = tmp_path / "missing"
     damaged = _model_copy(tiny_models, tmp_path, lambda m: _truncate(m / "config.json", 50))
     ckpt = tmp_path / "step_3"
     shutil.copytree(good_checkpoint, ckpt)
     (ckpt / ".metadata").unlink()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n{\"prompt\": \n")
     before = _tree_bytes(tmp_path)
-    cases = {
-        "finetune": run_recipe(["--config", missing / "x.yaml"], nproc=2, cwd=REPO, check=False),
-        "convert": _python_m("recipes_core.convert", ckpt, tmp_path / "hf"),
-        "infer": _python_m("recipes_core.infer", damaged, "--prompt", "hi"),
-        "doctor": _python_m("recipes_core.doctor", "model", damaged),
-        "checkpoint": _python_m("recipes_core.checkpoint", "size", missing),
-        "quickstart": _python_m("recipes_core.quickstart", "--steps", 0, "--out", missing),
+    cases = {  # command: (its process, what its error line names)
+        "convert": (_python_m("recipes_core.convert", ckpt, tmp_path / "hf"), ["step_3", ".metadata is missing"]),
+        "infer": (_python_m("recipes_core.infer", tiny_models["instruct"], "--prompts-file", prompts),
+                  ["p.jsonl", "row 2", "invalid JSON"]),
+        "doctor": (_python_m("recipes_core.doctor", "model", damaged), ["model/config.json", "not valid JSON"]),
+        "checkpoint": (_python_m("recipes_core.checkpoint", "size", missing), ["missing", "no complete checkpoint"]),
+        "quickstart": (_python_m("recipes_core.quickstart", "--steps", 0, "--out", missing), ["--steps 0"]),
     }
-    needles = {"finetune": "x.yaml", "convert": "step_3", "infer": "config.json", "doctor": "config.json",
-               "checkpoint": "missing", "quickstart": "--steps 0"}
-    for command, proc in cases.items():
-        _assert_one_error_line(proc, needles[command])
+    for command, (proc, needles) in cases.items():
+        print(f"{command}: {_assert_one_error_line(proc, *needles)}")
     assert _tree_bytes(tmp_path) == before and not missing.exists() and not (tmp_path / "hf").exists()
