@@ -400,13 +400,19 @@ def test_finetune_bad_inputs_under_torchrun(tiny_models, tmp_path):
     """Every case through finetune's own main on 2 ranks of one torchrun job (one launch for all; see
     tests/bad_inputs_ranks.py): exit status 2 on both ranks, one `error:` line from rank 0 and none from
     rank 1, the file (row, field, line) named, no traceback, the inputs unchanged, no checkpoint."""
-    from recipes_core.launch import run_script
+    import os
+    import subprocess
+
+    from recipes_core.launch import launch_command
 
     cases = {name: _finetune_argv(name, tmp_path / f"case{i}", tiny_models) for i, name in enumerate(FINETUNE_CASES)}
     before = {name: _tree_bytes(tmp_path / f"case{i}") for i, name in enumerate(FINETUNE_CASES)}
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    proc = run_script(REPO / "tests" / "bad_inputs_ranks.py", [tmp_path / "cases.json", tmp_path], nproc=2, cwd=REPO,
-                      check=False, env={"OMP_NUM_THREADS": "1"})
+    # A timeout, not run_script: without the fix a rank that dies while the other waits in a collective hangs.
+    command = launch_command(2, args=[str(tmp_path / "cases.json"), str(tmp_path)],
+                             script=REPO / "tests" / "bad_inputs_ranks.py")
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for i, (name, (_, _, _, needles)) in enumerate(FINETUNE_CASES.items()):
