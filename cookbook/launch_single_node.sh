@@ -27,5 +27,6 @@ export TOKENIZERS_PARALLELISM=false
 # (benchmarks/RESULTS.md, memory scaling). An allocator setting, not an FSDP one; ignored on CUDA memory.
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+# recipes_core.launch is torchrun (same arguments) that exits 2, without its own traceback, on bad input
+exec "$PYTHON" -m recipes_core.launch --standalone --nproc_per_node "$NPROC" \
   -m recipes_core.finetune --config "$CONFIG" "$@"

@@ -62,7 +62,7 @@ import torch
 import yaml
 
 from recipes_core import faults
-from recipes_core.errors import UserError
+from recipes_core.errors import UsageError, UserError, command
 from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata, load_torch_file
 
 LATEST = "latest"
@@ -437,9 +437,13 @@ def _parse_count(text: str) -> tuple[int, str]:
     if text.upper() in PAPER_MODELS:
         return PAPER_MODELS[text.upper()], text.upper()
     scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1].upper(), 1)
-    return int(float(text.rstrip("kKmMbB")) * scale), text
+    try:
+        return int(float(text.rstrip("kKmMbB")) * scale), text
+    except ValueError:
+        raise UsageError(f"--params {text}: not a parameter count; write e.g. 7B, 135M or 1.5e9") from None
 
 
+@command  # bad input -> one `error:` line, exit 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.checkpoint",
                                      description="checkpoint size report: predicted bytes against files on disk")
@@ -450,13 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="parameter counts on paper, e.g. 7B 8B 70B or 1.5e9 (default: 7B 8B 70B)")
     args = parser.parse_args(argv)
     if args.dir:
-        try:
-            ckpt = resolve_checkpoint(args.dir)
-            require_complete(ckpt)
-            print(format_size_report(size_report(ckpt)))
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        ckpt = resolve_checkpoint(args.dir)
+        require_complete(ckpt)
+        print(format_size_report(size_report(ckpt)))
     if args.params is not None or not args.dir:
         for text in args.params or ["7B", "8B", "70B"]:
             print(format_paper_report(*_parse_count(text)))

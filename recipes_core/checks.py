@@ -100,6 +100,29 @@ def check_tokenized(examples: list[dict], vocab_size: int, end_ids: list[int], t
     return report
 
 
+def untrainable_errors(examples: list[dict], source: str, length_setting: str | None = None,
+                       embedding_rows: int | None = None, tokenizer=None) -> list[str]:
+    """What makes tokenized data untrainable, for preflight (before a run) and `doctor data` alike: no
+    example keeps a supervised token (labels are shifted by one, so position 0 never counts), or a token id
+    has no row in the model's embedding (training would die in F.embedding with an IndexError)."""
+    errors = []
+    if examples and not any(label != IGNORE_INDEX for e in examples for label in e["labels"][1:]):
+        limit = f" with {length_setting}" if length_setting else ""
+        errors.append(f"{source}: no example keeps a supervised token{limit} (every answer is masked or truncated "
+                      "away), so there is nothing to learn; raise the sequence length or shorten the prompts")
+    if embedding_rows is not None:
+        for row, example in enumerate(examples, start=1):
+            past = [t for t in example["input_ids"] if t >= embedding_rows]
+            if past:
+                token = tokenizer.convert_ids_to_tokens(past[0]) if tokenizer is not None else "?"
+                ids = f"the tokenizer has {len(tokenizer)} ids" if tokenizer is not None else "a larger vocabulary"
+                errors.append(f"{source}: row {row}: token {token!r} (id {past[0]}) is past the model's embedding "
+                              f"({embedding_rows} rows; {ids}); use the tokenizer the model was trained with, or "
+                              "resize the embedding (model.resize_token_embeddings) and save the model")
+                break
+    return errors
+
+
 # ---------------------------------------------------------------- label masks (the echo's first cause)
 
 

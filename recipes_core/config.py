@@ -191,7 +191,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults, then the YAML file (nested `section: {key: value}`), then `section.key=value` overrides."""
     config = Config()
     if path:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        raw = read_yaml(path, "--config") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for section, values in raw.items():
@@ -208,7 +208,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config
 
 
-def validate(config: Config) -> None:
+def read_yaml(path: str | Path, what: str):
+    """A YAML file's content; a missing file, bad bytes or a syntax error is a ConfigError naming the
+    file and the line (YAML indents with spaces: a tab is the usual cause)."""
+    path = Path(path)
+    if not path.is_file():
+        why = "it is a folder" if path.is_dir() else "no such file"
+        raise ConfigError(f"{what} {path}: {why}; check the path (relative paths start from the folder "
+                          "the command runs in)")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        tab = "; YAML indents with spaces, never tabs" if "\t" in path.read_text(encoding="utf-8") else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}{tab}") from None
+
+
+def config_errors(config: Config) -> list[str]:
+    """Every value the dataclass types admit but no run can use. The one place config values are checked:
+    load_config raises the first, and preflight checks configs built in code the same way."""
+    errors = []
     choices = {"model.source": ("tiny", "hf", "hub", "gguf"), "data.format": ("alpaca", "chat", "classification"),
                "train.lr_schedule": ("cosine", "linear", "constant"), "fsdp.sharding": ("full", "hybrid"),
                "fsdp.mixed_precision": ("auto", "bf16", "fp32"), "fsdp.backend": ("auto", "nccl", "gloo"),
@@ -217,13 +241,40 @@ def validate(config: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r}; choose one of {list(allowed)}")
-    for key in ("train.micro_batch_size", "train.grad_accum_steps", "train.epochs", "data.max_seq_len"):
+            errors.append(f"{key}={value!r}; choose one of {list(allowed)}")
+    for key in ("train.micro_batch_size", "train.grad_accum_steps", "train.epochs"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 1:
-            raise ConfigError(f"{key} must be at least 1")
+            errors.append(f"{key} must be at least 1")
+    if config.data.max_seq_len < 2:  # token t predicts token t+1: one token has nothing to predict
+        errors.append(f"data.max_seq_len={config.data.max_seq_len} must be at least 2 (a token is trained to "
+                      "predict the next one); use the longest example's length, e.g. 256")
     if config.model.source != "tiny" and not config.model.path:
-        raise ConfigError(f"model.source={config.model.source} needs model.path")
+        errors.append(f"model.source={config.model.source} needs model.path")
+    positive = {"train.lr": config.train.lr}
+    non_negative = {"train.max_steps": config.train.max_steps, "train.stop_after_steps": config.train.stop_after_steps,
+                    "train.warmup_steps": config.train.warmup_steps, "train.weight_decay": config.train.weight_decay,
+                    "train.max_grad_norm": config.train.max_grad_norm, "train.eval_every": config.train.eval_every,
+                    "checkpoint.save_every": config.checkpoint.save_every,
+                    "checkpoint.keep_last_n": config.checkpoint.keep_last_n,
+                    "fsdp.replicate_degree": config.fsdp.replicate_degree,
+                    "data.max_train_examples": config.data.max_train_examples}
+    errors += [f"{key}={value} must be greater than 0" for key, value in positive.items() if not value > 0]
+    errors += [f"{key}={value} must not be negative" for key, value in non_negative.items() if value < 0]
+    if not 0 <= config.train.min_lr_ratio <= 1:
+        errors.append(f"train.min_lr_ratio={config.train.min_lr_ratio} must be between 0 and 1")
+    if not all(0 <= b < 1 for b in config.train.betas) or len(config.train.betas) != 2:
+        errors.append(f"train.betas={list(config.train.betas)} must be two numbers in [0, 1)")
+    if config.lora.enabled and config.lora.r < 1:
+        errors.append(f"lora.r={config.lora.r} must be at least 1")
+    return errors
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError with the first of config_errors (a typo costs a second, not a run)."""
+    errors = config_errors(config)
+    if errors:
+        raise ConfigError(errors[0])
 
 
 def to_dict(config: Config) -> dict:

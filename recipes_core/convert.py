@@ -19,6 +19,8 @@ with or without --overwrite (check_output_location).
 
 from __future__ import annotations
 
+from recipes_core.errors import UserError, command
+
 import argparse
 import os
 import shutil
@@ -39,6 +41,10 @@ from recipes_core.models import build_model_from_config, reset_rotary_buffers, r
 from recipes_core.tokens import end_token_ids, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """The output folder exists and --overwrite was not given."""
 
 
 # ---------------------------------------------------------------- reading the checkpoint folder
@@ -230,7 +236,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
     ckpt_dir = resolve_checkpoint(checkpoint)
     check_output_location(out_dir, ckpt_dir)  # before --overwrite may remove anything
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
+        raise OutputExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
     model, params, ckpt_dir = load_model_from_checkpoint(ckpt_dir)
     tokenizer = load_tokenizer(params["tokenizer"])
     is_lora = bool(params.get("lora"))
@@ -308,6 +314,7 @@ def verify_conversion(out_dir: str | Path, reference, tokenizer=None, tolerance:
     return diff
 
 
+@command  # bad input (a damaged checkpoint, an existing output) -> one `error:` line, exit 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.convert", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="step_<k> folder, or a run folder with a `latest` file")
@@ -322,10 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = convert(args.checkpoint, args.out, args.dtype, args.lora, args.max_shard_size, args.verify,
                          args.overwrite)
-    except UserError as err:  # bad input: one line, exit 2 (CheckpointError, UnsafeCheckpointError, ...)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (FileExistsError, FileNotFoundError, ValueError, AssertionError) as err:
+    except AssertionError as err:  # --verify found different logits: a failed conversion, not bad input
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(result)

@@ -29,6 +29,10 @@ class DataFormatError(UserError, ValueError):
     """A data file that cannot be trained on; the message says where and what to fix."""
 
 
+class DataFileNotFoundError(DataFormatError, FileNotFoundError):
+    """A data path that names no file."""
+
+
 def _where(source: str, row: int, field: str | None = None) -> str:
     return f"{source}: row {row}" + (f": field '{field}'" if field else "")
 
@@ -42,7 +46,8 @@ def validate_record(record, fmt: str, source: str, row: int) -> None:
         if field not in record or record[field] is None:
             if field in OPTIONAL_FIELDS.get(fmt, ()):
                 continue
-            raise DataFormatError(f"{_where(source, row, field)} is missing; every {fmt} row needs "
+            state = "is null" if field in record else "is missing"
+            raise DataFormatError(f"{_where(source, row, field)} {state}; every {fmt} row needs "
                                   f"{sorted(SCHEMAS[fmt])}")
         value = record[field]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -75,8 +80,25 @@ def _validate_messages(messages: list, source: str, row: int) -> None:
                               "supervised")
 
 
+def read_text(path: Path) -> str:
+    """A text file as UTF-8; a byte-order mark (Windows editors write one) is dropped, bytes that are not
+    UTF-8 are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data[:start].count(b"\n") + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise DataFormatError(f"{path}: line {line}: byte {data[start]:#04x} at column {column} is not UTF-8; "
+                              "save the file as UTF-8") from None
+
+
 def _read_json_rows(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
+    if path.suffix == ".jsonl" and text.lstrip().startswith("["):
+        raise DataFormatError(f"{path}: row 1: a JSON array, but a .jsonl file holds one JSON object per line; "
+                              "write one object a line, or rename the file to .json")
     if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
         rows = []
         for line_no, line in enumerate(text.splitlines(), start=1):
@@ -103,7 +125,10 @@ def load_records(source: str | Path, fmt: str, split: str = "train") -> datasets
     path = Path(source)
     if path.suffix in LOCAL_SUFFIXES or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no such data file")
+            raise DataFileNotFoundError(f"{path}: no such data file; check the path (relative paths start from the "
+                                  "folder the command runs in)")
+        if path.is_dir():
+            raise DataFormatError(f"{path}: a folder, not a data file; give one .jsonl, .json or .parquet file")
         if path.suffix == ".parquet":
             table = datasets.Dataset.from_parquet(str(path))
             rows = list(enumerate(table.to_list(), start=1))
@@ -116,7 +141,8 @@ def load_records(source: str | Path, fmt: str, split: str = "train") -> datasets
         rows = list(enumerate(datasets.load_dataset(str(source), split=split).to_list(), start=1))
         label = f"{source} ({split})"
     if not rows:
-        raise DataFormatError(f"{label}: no rows")
+        raise DataFormatError(f"{label}: no rows (the file is empty or only blank lines); give one JSON object a "
+                              "line")
     for row_no, record in rows:
         validate_record(record, fmt, label, row_no)
     return datasets.Dataset.from_list([record for _, record in rows])

@@ -36,8 +36,9 @@ from recipes_core import checkpoint as ckpt
 from recipes_core import distributed as D
 from recipes_core import faults, preflight
 from recipes_core.collate import pack_examples, packed_collate, pad_collate
-from recipes_core.config import Config, ConfigError, dump, load_config, to_dict
+from recipes_core.config import Config, dump, load_config, to_dict
 from recipes_core.data import load_records
+from recipes_core.errors import command
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
@@ -49,11 +50,18 @@ from recipes_core.tokens import load_tokenizer
 # ----- data --------------------------------------------------------------------------------------------
 
 def tokenized(path: str, cfg: Config, tokenizer, limit: int) -> list[dict]:
+    """One file, loaded, tokenized and (data.packing) packed as the run does, outside a run."""
     records = load_records(path, cfg.data.format)
     if limit:
         records = records.select(range(min(limit, len(records))))
     examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs,
                                 cfg.data.chat_date)
+    return training_examples(examples, cfg, tokenizer)
+
+
+def training_examples(examples: list[dict], cfg: Config, tokenizer) -> list[dict]:
+    """Tokenized examples (preflight.check_data loads and checks them) as the loader takes them: ids and
+    labels only, packed into blocks of max_seq_len when data.packing."""
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     if cfg.data.packing:
         return pack_examples(examples, cfg.data.max_seq_len, tokenizer.pad_token_id)
@@ -200,17 +208,13 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     tokenizer_dir = cfg.model.tokenizer or hf_dir
     tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
     preflight.check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir)  # pad, chat template, shapes, free disk
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails preflight leaves nothing behind
-    if env.is_main:
-        print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
-        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has no pad token; set one (e.g. a reserved token)")
     model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)
+    # Every row, before the model is built: bad rows, nothing supervised, token ids past the embedding.
+    examples = preflight.check_data(cfg, env, tokenizer, model_config["vocab_size"])
 
     collate = collate_fn(cfg, tokenizer.pad_token_id)
-    train_set = tokenized(cfg.data.train_path, cfg, tokenizer, cfg.data.max_train_examples)
-    eval_set = tokenized(cfg.data.eval_path, cfg, tokenizer, cfg.data.max_eval_examples) if cfg.data.eval_path else []
+    train_set = training_examples(examples["train"], cfg, tokenizer)
+    eval_set = training_examples(examples["eval"], cfg, tokenizer)
     sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=cfg.data.shuffle,
                                  seed=cfg.train.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=collate,
@@ -218,10 +222,14 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     evals = eval_batches(eval_set, cfg, env, collate) if eval_set else []
     accum = cfg.train.grad_accum_steps
     steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training examples are fewer than one global batch "
-                         f"({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks)")
+    preflight.agree([f"data.train_path={cfg.data.train_path}: {len(train_set)} training examples are fewer than one "
+                     f"global batch ({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks); add rows or "
+                     "lower train.micro_batch_size / train.grad_accum_steps"] if steps_per_epoch == 0 else [], env)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails preflight leaves nothing behind
+    if env.is_main:
+        print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
+        (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
 
     model, precision, mesh_shape = build_sharded_model(cfg, env, hf_dir, model_config)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -369,22 +377,16 @@ def run(cfg: Config) -> dict:
         D.teardown(env)
 
 
-def main(argv: list[str] | None = None) -> None:
+@command  # bad input (a UserError: config, data, model folder, preflight) -> one `error:` line on rank 0, exit 2
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.finetune", description=__doc__.splitlines()[0],
                                      epilog="overrides: section.key=value, e.g. train.lr=1e-4 checkpoint.resume=auto")
     parser.add_argument("--config", help="a YAML recipe, e.g. cookbook/tiny_full.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:  # before any model is loaded: a typo costs a second, not a run
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        run(config)
-    except preflight.PreflightError as err:  # one line, before any step, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config = load_config(args.config, args.overrides)  # before any model is loaded: a typo costs a second
+    run(config)
+    return 0
 
 
 if __name__ == "__main__":
@@ -392,4 +394,4 @@ if __name__ == "__main__":
     # thread was, instead of only a signal number in torchrun's summary. Only as a program: a caller of
     # main() (a test, a notebook) keeps its own stderr and signal handlers.
     faulthandler.enable()
-    main()
+    sys.exit(main())

@@ -14,7 +14,7 @@ Every choice that made older recipes "only repeat the prompt" is fixed here:
 
 from __future__ import annotations
 
-from recipes_core.errors import UserError
+from recipes_core.errors import UsageError, UserError, command
 
 import argparse
 import sys
@@ -24,6 +24,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, TextStreamer
 
 from recipes_core.convert import generation_config_for, load_model_from_checkpoint
+from recipes_core.data import DataFormatError, read_text
+from recipes_core.models import check_model_folder
 from recipes_core.tokens import end_token_ids, load_tokenizer
 
 MODES = ("chat", "completion")
@@ -38,6 +40,7 @@ def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32):
     checkpoint (rebuilt in memory, nothing written)."""
     path = Path(path)
     if (path / "config.json").is_file():
+        check_model_folder(path)  # a damaged config.json or safetensors header: one line, not a traceback
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval(), load_tokenizer(path)
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
@@ -122,21 +125,30 @@ def generate(model, tokenizer, prompts: list, mode: str = "chat", max_new_tokens
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line (blank lines skipped), or a .jsonl whose rows have 'prompt' or 'instruction'."""
     path = Path(path)
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not path.is_file():
+        raise UsageError(f"--prompts-file {path}: no such file")
+    lines = [(row, line) for row, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]
     if path.suffix != ".jsonl":
-        return lines
+        return [line for _, line in lines]
     import json
 
     prompts = []
-    for row, line in enumerate(lines, start=1):
-        record = json.loads(line)
+    for row, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: row {row}: invalid JSON ({err.msg} at column {err.colno}); each line "
+                                  "must be one JSON object") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(f"{path}: row {row}: expected a JSON object, got {type(record).__name__}")
         prompt = record.get("prompt") or record.get("instruction")
-        if not prompt:
-            raise ValueError(f"{path}: row {row} has neither 'prompt' nor 'instruction'")
+        if not prompt or not isinstance(prompt, str):
+            raise DataFormatError(f"{path}: row {row} has neither 'prompt' nor 'instruction' (a string)")
         prompts.append(prompt + (f"\n{record['input']}" if record.get("input") else ""))
     return prompts
 
 
+@command  # bad input -> one `error:` line, exit 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.infer", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="Hugging Face folder, checkpoint step folder, or run folder")
@@ -152,22 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--no-stream", action="store_true", help="print answers at the end, not token by token")
     args = parser.parse_args(argv)
+    for option in ("batch_size", "max_new_tokens"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
     prompts = args.prompt + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         parser.error("give --prompt TEXT or --prompts-file FILE")
-    try:
-        model, tokenizer = load_for_inference(args.model)
-        stream = not args.no_stream and len(prompts) == 1
-        if stream:
-            print(f">>> {prompts[0]}")
-        answers = generate(model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size,
-                           args.sample, args.temperature, args.top_p, args.system, stream, args.seed)
-    except UserError as err:  # bad input (a damaged checkpoint, no chat template): one line, exit 2
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    model, tokenizer = load_for_inference(args.model)
+    stream = not args.no_stream and len(prompts) == 1
+    if stream:
+        print(f">>> {prompts[0]}")
+    answers = generate(model, tokenizer, prompts, args.mode, args.max_new_tokens, args.batch_size,
+                       args.sample, args.temperature, args.top_p, args.system, stream, args.seed)
     if not stream:
         for prompt, answer in zip(prompts, answers):
             print(f">>> {prompt}\n{answer}\n")

@@ -8,6 +8,10 @@ notebook cell, a test, a benchmark) build it with `launch_command`, or run it an
 
 Every launch picks a free rendezvous port (two notebooks or test runs on one machine must not collide on
 torchrun's default 29500) and sets MALLOC_ENV in the ranks' environment.
+
+The launcher is `python -m recipes_core.launch`, which takes torchrun's arguments and is torchrun, with one
+difference: when the job fails because its ranks exited with status 2 (bad input, already reported by rank 0
+in one `error:` line), it exits 2 too, instead of torchrun's ChildFailedError traceback and status 1.
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ def free_port() -> int:
 def launch_command(nproc: int, module: str = "recipes_core.finetune", args: list[str] | tuple = (),
                    master_port: int | None = None, script: str | Path | None = None) -> list[str]:
     """The command that runs `module` (or the file `script`) on nproc local processes under torchrun
-    (nproc=0: one plain process, no torchrun), with MALLOC_ENV in its environment (`env VAR=value ...`; a
+    (through this module's main, see the top of the file; nproc=0: one plain process, no torchrun), with MALLOC_ENV in its environment (`env VAR=value ...`; a
     value already set in this environment wins)."""
     env = ["env", *(f"{k}={os.environ.get(k, v)}" for k, v in MALLOC_ENV.items())]
     target = [str(script)] if script is not None else ["-m", module]
     if nproc == 0:
         return [*env, sys.executable, *target, *args]
-    return [*env, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    return [*env, sys.executable, "-m", "recipes_core.launch", "--nproc_per_node", str(nproc),
             "--master_port", str(master_port or free_port()), *target, *args]
 
 
@@ -79,3 +83,24 @@ def run_script(script: str | Path, args: list[str] = (), nproc: int = 2, log: st
     """Run your own Python file on nproc ranks under torchrun (write it with
     recipes_core.distributed.process_group, so it tears down cleanly) and wait for it."""
     return _run(launch_command(nproc, args=[str(a) for a in args], script=script), log, cwd, check, env)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """torchrun (same arguments), except that a job whose first failing rank exited with status 2 (a
+    UserError, reported once by rank 0) exits 2 without torchrun's traceback of its own launcher."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from recipes_core.errors import USER_ERROR_EXIT
+
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        _, first = err.get_first_failure()
+        if first.exitcode == USER_ERROR_EXIT:
+            sys.exit(USER_ERROR_EXIT)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from recipes_core.paths import refuse_overlap
+from recipes_core.errors import UserError
 from recipes_core.tokens import load_tokenizer
 
 DEFAULT_TINY_DIR = "runs/cache/tiny"
@@ -34,6 +35,46 @@ GGUF_MARKER = "converted_from_gguf.json"
 # Config entries that describe where weights came from, not the architecture: a GGUF load leaves
 # quantization_config behind, and a folder saved with it would be mistaken for a quantized model.
 NOT_ARCHITECTURE = ("quantization_config", "_model_name_or_path", "_name_or_path")
+
+
+class ModelFolderError(UserError, ValueError):
+    """A Hugging Face model folder that cannot be loaded: no or damaged config.json, damaged weights."""
+
+
+def model_folder_errors(folder: str | Path) -> list[str]:
+    """What makes a local Hugging Face folder unloadable, found by reading only config.json and the
+    safetensors headers (milliseconds), before any weight is loaded."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        return [f"{folder}: not a Hugging Face model folder (no config.json); point at a folder written by "
+                "save_pretrained"]
+    errors = []
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            errors.append(f"{config}: not a JSON object; the file is damaged: copy the model folder again")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        errors.append(f"{config}: not valid JSON ({err}); the file is damaged (cut off?): copy the model folder "
+                      "again or save_pretrained it again")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("*.bin")):
+        errors.append(f"{folder}: no weights (*.safetensors); save the model with save_pretrained")
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            errors.append(f"{file}: not a readable safetensors file ({err}); the file is damaged (cut off?): copy "
+                          "it again")
+    return errors
+
+
+def check_model_folder(folder: str | Path) -> None:
+    errors = model_folder_errors(folder)
+    if errors:
+        raise ModelFolderError(errors[0])
 
 
 # ----- sources -> local folders ------------------------------------------------------------------------

@@ -12,15 +12,18 @@ Two calls from recipes_core.finetune.train:
                           once the tokenizer and the model config are known: a pad token, a chat template
                           for chat data, the resume checkpoint's shapes against the model config, and free
                           disk for the predicted checkpoint size (checkpoint.predict_sizes)
+  check_data(cfg, env, tokenizer, embedding_rows)
+                          every row loaded and tokenized before the model is built: bad rows (file, row and
+                          field named), no supervised token left, a token id past the model's embedding
 
-Every rank runs the checks; a failure anywhere is agreed on with one all-reduce, so all ranks stop
+Every rank runs the checks; a failure anywhere is agreed on with one all_gather_object (agree), so all ranks stop
 together (none is left waiting in a collective). A failure raises PreflightError, which the command line
 prints as `error: preflight: ...` and exits with status 2.
 """
 
 from __future__ import annotations
 
-from recipes_core.errors import UserError
+from recipes_core.errors import UserError, one_line
 
 import shutil
 import sys
@@ -35,48 +38,21 @@ class PreflightError(UserError, ValueError):
     """The run cannot start or could not finish; the message names what and how to fix it."""
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _agree(errors: list[str], env) -> None:
-    """Raise on every rank when any rank found a problem (ranks report their own)."""
+def agree(errors: list[str], env) -> None:
+    """Raise on every rank when any rank found a problem; the message is the first problem of the lowest
+    rank that found one, so rank 0 (the one that prints) reports it even when it found nothing itself."""
     import torch.distributed as dist
 
-    failed = len(errors)
+    first = errors[0] if errors else None
     if env is not None and env.world_size > 1 and dist.is_initialized():
-        from recipes_core.distributed import all_reduce_sum
-
-        failed = int(all_reduce_sum(failed, env.device).item())
-    if errors:
-        raise PreflightError("preflight: " + _one_line(errors[0]))
-    if failed:
-        raise PreflightError("preflight: another rank failed its checks (its error is printed above)")
+        firsts = [None] * env.world_size
+        dist.all_gather_object(firsts, first)
+        first = next((e for e in firsts if e), None)
+    if first:
+        raise PreflightError("preflight: " + one_line(first))
 
 
 # ----- before anything is loaded -----------------------------------------------------------------------
-
-def config_errors(cfg) -> list[str]:
-    """Values the dataclass types admit but no run can use."""
-    errors = []
-    positive = {"train.lr": cfg.train.lr}
-    non_negative = {"train.max_steps": cfg.train.max_steps, "train.stop_after_steps": cfg.train.stop_after_steps,
-                    "train.warmup_steps": cfg.train.warmup_steps, "train.weight_decay": cfg.train.weight_decay,
-                    "train.max_grad_norm": cfg.train.max_grad_norm, "train.eval_every": cfg.train.eval_every,
-                    "checkpoint.save_every": cfg.checkpoint.save_every,
-                    "checkpoint.keep_last_n": cfg.checkpoint.keep_last_n,
-                    "fsdp.replicate_degree": cfg.fsdp.replicate_degree,
-                    "data.max_train_examples": cfg.data.max_train_examples}
-    errors += [f"{key}={value} must be greater than 0" for key, value in positive.items() if not value > 0]
-    errors += [f"{key}={value} must not be negative" for key, value in non_negative.items() if value < 0]
-    if not 0 <= cfg.train.min_lr_ratio <= 1:
-        errors.append(f"train.min_lr_ratio={cfg.train.min_lr_ratio} must be between 0 and 1")
-    if not all(0 <= b < 1 for b in cfg.train.betas) or len(cfg.train.betas) != 2:
-        errors.append(f"train.betas={list(cfg.train.betas)} must be two numbers in [0, 1)")
-    if cfg.lora.enabled and cfg.lora.r < 1:
-        errors.append(f"lora.r={cfg.lora.r} must be at least 1")
-    return errors
-
 
 def mesh_errors(sharding: str, replicate_degree: int, world_size: int, local_world_size: int) -> list[str]:
     """HSDP needs a (replicate x shard) mesh that covers every rank exactly once."""
@@ -99,15 +75,26 @@ def mesh_errors(sharding: str, replicate_degree: int, world_size: int, local_wor
 def input_errors(cfg) -> list[str]:
     from recipes_core.data import LOCAL_SUFFIXES
 
+    from recipes_core.models import model_folder_errors
+    from recipes_core.tokens import tokenizer_folder_error
+
     errors = []
     for key in ("train_path", "eval_path"):
         path = getattr(cfg.data, key)
-        if path and Path(path).suffix in LOCAL_SUFFIXES and not Path(path).is_file():
+        if path and Path(path).is_dir():
+            errors.append(f"data.{key}={path}: a folder, not a data file; give one .jsonl, .json or .parquet file")
+        elif path and Path(path).suffix in LOCAL_SUFFIXES and not Path(path).is_file():
             errors.append(f"data.{key}={path}: no such file; check the path (relative paths start from the "
                           "folder the run is launched in)")
     if cfg.model.source == "hf" and not (Path(cfg.model.path) / "config.json").is_file():
         errors.append(f"model.path={cfg.model.path}: not a Hugging Face model folder (no config.json); point it "
                       "at a folder written by save_pretrained, or use model.source=hub for a hub name")
+    elif cfg.model.source == "hf":  # a damaged config.json or safetensors header, found before any load
+        errors += [f"model.path: {e}" for e in model_folder_errors(cfg.model.path)]  # each names its file
+        if not cfg.model.tokenizer and tokenizer_folder_error(cfg.model.path):
+            errors.append(f"model.path: {tokenizer_folder_error(cfg.model.path)}")
+    if cfg.model.tokenizer and tokenizer_folder_error(cfg.model.tokenizer):
+        errors.append(f"model.tokenizer: {tokenizer_folder_error(cfg.model.tokenizer)}")
     if cfg.model.source == "gguf" and not Path(cfg.model.path).is_file():
         errors.append(f"model.path={cfg.model.path}: no such GGUF file")
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).exists() and "/" in cfg.model.tokenizer \
@@ -160,7 +147,7 @@ def resume_errors(cfg, out: Path, rank: int) -> tuple[list[str], list[str]]:
     if cfg.checkpoint.resume == "auto":
         # checkpoint.choose_latest says what it passed over (a damaged `latest`, train_params.yaml, shard)
         chosen, notes = ckpt.choose_latest(out) if out.is_dir() else (None, [])
-        warnings += [f"resume=auto: {_one_line(note)}" for note in notes]
+        warnings += [f"resume=auto: {one_line(note)}" for note in notes]
         newer = [p for p in (ckpt.list_step_dirs(out) if out.is_dir() else [])
                  if chosen is None or ckpt.step_number(p) > ckpt.step_number(chosen)]
         for folder in newer:  # passed over: refuse outright if its .metadata carries code
@@ -193,6 +180,8 @@ def resume_errors(cfg, out: Path, rank: int) -> tuple[list[str], list[str]]:
 
 def check_start(cfg, env) -> None:
     """Checks before the run writes or loads anything (every rank calls this)."""
+    from recipes_core.config import config_errors
+
     errors = config_errors(cfg) + mesh_errors(cfg.fsdp.sharding, cfg.fsdp.replicate_degree, env.world_size,
                                               env.local_world_size)
     errors += input_errors(cfg)
@@ -205,7 +194,7 @@ def check_start(cfg, env) -> None:
         if env.is_main:
             for line in warnings:
                 print(f"WARNING: {line}", file=sys.stderr)
-    _agree(errors, env)
+    agree(errors, env)
     if env.is_main:
         for folder in remove_stale_tmp(out):
             print(f"preflight: removed {folder}, an unfinished save of an earlier run", file=sys.stderr)
@@ -311,4 +300,34 @@ def check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir) -> None:
     if env.is_main:
         for line in warnings:
             print(f"WARNING: {line}", file=sys.stderr)
-    _agree(errors, env)
+    agree(errors, env)
+
+
+# ----- the data, tokenized as the run will see it -----------------------------------------------------
+
+def check_data(cfg, env, tokenizer, embedding_rows: int) -> dict[str, list[dict]]:
+    """Load and tokenize the train and eval files on every rank (the same result everywhere) and agree on
+    what makes them untrainable: a bad row (file, row and field named), no supervised token left after
+    truncation, a token id past the model's embedding. Returns {"train": examples, "eval": examples}."""
+    from recipes_core.checks import untrainable_errors
+    from recipes_core.data import load_records
+    from recipes_core.preprocess import tokenize_records
+
+    errors, examples = [], {"train": [], "eval": []}
+    for split, limit in (("train", cfg.data.max_train_examples), ("eval", cfg.data.max_eval_examples)):
+        path = getattr(cfg.data, f"{split}_path")
+        if not path or errors:
+            continue
+        try:
+            records = load_records(path, cfg.data.format)
+            if limit:
+                records = records.select(range(min(limit, len(records))))
+            examples[split] = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len,
+                                               cfg.data.train_on_inputs, cfg.data.chat_date)
+        except UserError as err:
+            errors.append(str(err))
+            continue
+        errors += untrainable_errors(examples[split], f"data.{split}_path={path}",
+                                     f"data.max_seq_len={cfg.data.max_seq_len}", embedding_rows, tokenizer)
+    agree(errors, env)
+    return examples

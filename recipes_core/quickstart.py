@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "cookbook"))
 from make_datasets import write_all  # noqa: E402
 
 from recipes_core.convert import convert  # noqa: E402
+from recipes_core.errors import UsageError, command  # noqa: E402
 from recipes_core.data import load_records  # noqa: E402
 from recipes_core.launch import launch_command  # noqa: E402
 from recipes_core.paths import refuse_overlap  # noqa: E402
@@ -123,14 +124,18 @@ def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, np
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@command  # bad input -> one `error:` line, exit 2
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes_core.quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
     parser.add_argument("--data", default=str(REPO / "cookbook" / "data"))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=100)
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(argv)
+    for option in ("steps", "eval_prompts", "nproc"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
     summary = run(Path(args.out), Path(args.data), args.steps, args.eval_prompts, args.nproc)
     print(f"\nheld-out exact match: {summary['accuracy_before']:.1%} before -> {summary['accuracy_after']:.1%} "
           f"after fine-tuning ({summary['eval_prompts']} prompts), in {summary['wall_s']:.0f} s")
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nnext: python -m recipes_core.infer {summary['hf']} --prompt \"Give the first item of the list.\\n"
           "mango, bridge, wolf\"")
     print(f"      python -m recipes_core.doctor model {summary['hf']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,21 +2,57 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from recipes_core.errors import UserError
 
 # Tokens that end a sequence or a turn in the Llama 3 family and in ChatML-style models (SmolLM2,
 # Qwen). Looked up by text in the tokenizer's vocabulary, never by a hard-coded id.
 END_TOKEN_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>")
 
 
+# Files one of which a local tokenizer folder must have: the fast tokenizer's tokenizer.json, or the files a
+# slow one is converted from (sentencepiece model, BPE vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer folder without its files, or with a damaged tokenizer.json."""
+
+
+def tokenizer_folder_error(folder: str | Path) -> str | None:
+    """Why a local folder cannot give a tokenizer (None when it can, or when it is a hub name)."""
+    folder = Path(folder)
+    if not folder.exists() and str(folder).startswith(("/", ".", "~")):
+        return f"{folder}: no such tokenizer folder; check the path"
+    if not folder.is_dir():
+        return None  # a hub name: from_pretrained resolves it
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not present:
+        return (f"{folder}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer files of "
+                "the model these weights came from into it (tokenizer.save_pretrained), or point at the folder "
+                "that has them (model.tokenizer=...)")
+    if present[0] == "tokenizer.json":
+        try:
+            json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return (f"{folder / 'tokenizer.json'}: not valid JSON ({err}); the file is damaged (cut off?): copy it "
+                    "again or save the tokenizer again")
+    return None
+
+
 def load_tokenizer(path_or_name: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the fast (Rust) tokenizer through AutoTokenizer; a slow one is an error, not a fallback."""
+    problem = tokenizer_folder_error(path_or_name)
+    if problem:
+        raise TokenizerError(problem)
     tokenizer = AutoTokenizer.from_pretrained(str(path_or_name), use_fast=True,
                                               trust_remote_code=trust_remote_code)
     if not tokenizer.is_fast:
-        raise ValueError(f"{path_or_name}: AutoTokenizer returned a slow tokenizer; the recipes need the "
+        raise TokenizerError(f"{path_or_name}: AutoTokenizer returned a slow tokenizer; the recipes need the "
                          "fast one (offset mappings for label masks). Install `tokenizers` or convert it.")
     return tokenizer
 

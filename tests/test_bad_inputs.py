@@ -2,7 +2,9 @@
 that names what is wrong and where; none leaves a partial output that looks complete (a failed
 conversion leaves no Hugging Face folder, not even a hidden temporary one).
 
-Every case runs in this process and in well under a second once the tiny models exist.
+The first part runs each case in this process, in well under a second once the tiny models exist; the
+last part ("through the commands users run") runs them through the real commands: finetune on 2 ranks
+under torchrun, the others as `python -m` (exit 2, one `error:` line, no traceback, inputs unchanged).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ DATA_CASES = {
                           "DataFormatError", ["row 1", "messages[0].role", "'bot'"]),
     "label out of range": ("p.jsonl", json.dumps({"sentence1": "a", "sentence2": "b", "label": 2}) + "\n",
                            "classification", "DataFormatError", ["row 1", "field 'label'", "0 or 1"]),
-    "missing data file": ("missing.jsonl", None, "alpaca", "FileNotFoundError", ["missing.jsonl", "no such data file"]),
+    "missing data file": ("missing.jsonl", None, "alpaca", "DataFileNotFoundError", ["missing.jsonl", "no such data file"]),
 }
 
 
@@ -103,18 +105,22 @@ PREFLIGHT_VALUES = {
 
 
 @pytest.mark.parametrize("name", sorted(PREFLIGHT_VALUES))
-def test_impossible_values_are_refused_by_preflight(name):
-    from recipes_core.config import load_config
-    from recipes_core.preflight import config_errors
+def test_impossible_values_are_refused_by_the_config(name):
+    """config.py is the one place values are checked: load_config refuses them (preflight asks the same
+    config_errors for a Config built in code)."""
+    from recipes_core.config import ConfigError, config_errors, from_dict, load_config
 
     override, message = PREFLIGHT_VALUES[name]
-    errors = config_errors(load_config(REPO / "cookbook" / "tiny_full.yaml", [override]))
-    assert errors == [message]
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "cookbook" / "tiny_full.yaml", [override])
+    assert str(info.value) == message
+    section, _, rest = override.partition(".")
+    key, _, value = rest.partition("=")
+    assert config_errors(from_dict({section: {key: value}})) == [message]  # a Config built in code
 
 
 def test_good_config_passes_preflight():
-    from recipes_core.config import load_config
-    from recipes_core.preflight import config_errors
+    from recipes_core.config import config_errors, load_config
 
     for recipe in sorted((REPO / "cookbook").glob("*.yaml")):
         assert config_errors(load_config(recipe)) == [], recipe
@@ -166,7 +172,9 @@ def test_bad_checkpoint_is_refused_and_leaves_no_output(name, good_checkpoint, t
     damage, needles = CHECKPOINT_CASES[name]
     damage(ckpt)
     out = tmp_path / "hf"
-    assert main([str(ckpt), str(out)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(ckpt), str(out)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err, err
     for needle in needles:
@@ -257,3 +265,235 @@ def test_the_corpus_has_at_least_fifteen_kinds():
     kinds = len(DATA_CASES) + len(CONFIG_CASES) + len(PREFLIGHT_VALUES) + len(CHECKPOINT_CASES) + 2 + 6
     print(f"bad input kinds: {kinds}")
     assert kinds >= 15 and DATA_DIR.is_dir()
+
+
+# ----- through the commands users run --------------------------------------------------------------------
+# Each case: exit status 2, exactly one line starting with `error:` (stderr and stdout together) that names
+# the file (and row, field or line), no traceback anywhere, and every input file byte-identical after.
+# finetune runs under torchrun with 2 ranks (recipes_core.launch.run_recipe) and fails in its preflight,
+# before any model is built; convert / infer / doctor / checkpoint / quickstart run as `python -m`.
+
+ALPACA_ROW = json.dumps(GOOD_ALPACA)
+CHAT_OK = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def _tree_bytes(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _assert_one_error_line(proc, *needles: str) -> str:
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, output[-3000:]
+    assert len(lines) == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _model_copy(tiny_models, root: Path, damage) -> Path:
+    folder = root / "model"
+    shutil.copytree(tiny_models["instruct"], folder)
+    damage(folder)
+    return folder
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _drop_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _grow_tokenizer(folder: Path) -> None:
+    """A tokenizer with one id more than the model's embedding rows (config.json keeps its vocab_size)."""
+    from recipes_core.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(folder)
+    tokenizer.add_tokens(["<|extra_token|>"])
+    tokenizer.save_pretrained(folder)
+
+
+# name: (files {name: bytes}, model damage or None, finetune args (with {dir}), needles (with {dir}))
+FINETUNE_CASES = {
+    "empty train file": ({"t.jsonl": b""}, None, [], ["t.jsonl", "no rows"]),
+    "blank-lines train file": ({"t.jsonl": b"\n  \n\n"}, None, [], ["t.jsonl", "no rows"]),
+    "UTF-8 BOM and a bad row": ({"t.jsonl": b"\xef\xbb\xbf" + ALPACA_ROW.encode() + b"\n{\"instruction\": 1}\n"},
+                                None, [], ["t.jsonl", "row 2", "field 'instruction'"]),
+    "JSON array in .jsonl": ({"t.jsonl": f"[{ALPACA_ROW}, {ALPACA_ROW}]\n".encode()}, None, [],
+                             ["t.jsonl", "row 1", "JSON array"]),
+    "output null": ({"t.jsonl": json.dumps({**GOOD_ALPACA, "output": None}).encode()}, None, [],
+                    ["t.jsonl", "row 1", "field 'output'", "null"]),
+    "output number": ({"t.jsonl": json.dumps({**GOOD_ALPACA, "output": 7}).encode()}, None, [],
+                      ["t.jsonl", "row 1", "field 'output'", "should be str"]),
+    "output list": ({"t.jsonl": json.dumps({**GOOD_ALPACA, "output": ["a"]}).encode()}, None, [],
+                    ["t.jsonl", "row 1", "field 'output'", "should be str"]),
+    "chat role tool": ({"t.jsonl": json.dumps({"messages": [CHAT_OK[0], {"role": "tool", "content": "x"},
+                                                            CHAT_OK[1]]}).encode()},
+                       None, ["data.format=chat"], ["t.jsonl", "row 1", "messages[1].role", "'tool'"]),
+    "chat without assistant turn": ({"t.jsonl": json.dumps({"messages": CHAT_OK[:1]}).encode()}, None,
+                                    ["data.format=chat"], ["t.jsonl", "row 1", "no assistant turn"]),
+    "chat null content": ({"t.jsonl": json.dumps({"messages": [CHAT_OK[0], {"role": "assistant",
+                                                                            "content": None}]}).encode()},
+                          None, ["data.format=chat"], ["t.jsonl", "row 1", "messages[1]", "'content'"]),
+    "label outside the label set": ({"t.jsonl": json.dumps({"sentence1": "a", "sentence2": "b",
+                                                            "label": 5}).encode()},
+                                    None, ["data.format=classification"], ["t.jsonl", "row 1", "field 'label'"]),
+    "train_path is a folder": ({"folder.jsonl/x": b""}, None, ["data.train_path={dir}/folder.jsonl"],
+                               ["folder.jsonl", "a folder"]),
+    "every answer truncated away": ({"t.jsonl": (ALPACA_ROW + "\n").encode() * 4}, None, ["data.max_seq_len=16"],
+                                    ["t.jsonl", "no example keeps a supervised token", "data.max_seq_len=16"]),
+    "max_seq_len 1": ({"t.jsonl": ALPACA_ROW.encode()}, None, ["data.max_seq_len=1"],
+                      ["data.max_seq_len=1", "at least 2"]),
+    "invalid UTF-8": ({"t.jsonl": (ALPACA_ROW + "\n").encode() + b'{"instruction": "caf\xe9"}\n'}, None, [],
+                      ["t.jsonl", "line 2", "0xe9", "not UTF-8"]),
+    "YAML with a tab": ({"c.yaml": b"train:\n\tlr: 0.001\n"}, None, ["--config", "{dir}/c.yaml"],
+                        ["c.yaml", "line 2", "tabs"]),
+    "YAML syntax error": ({"c.yaml": b"train: {lr: 0.001\n"}, None, ["--config", "{dir}/c.yaml"],
+                          ["c.yaml", "invalid YAML", "line"]),
+    "mistyped --config": ({}, None, ["--config", "{dir}/tiny_ful.yaml"], ["tiny_ful.yaml", "no such file"]),
+    "truncated config.json": ({}, lambda m: _truncate(m / "config.json", 50), [], ["config.json", "not valid JSON"]),
+    "corrupt safetensors header": ({}, lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 64), [],
+                                   ["model.safetensors", "not a readable safetensors file"]),
+    "model folder without tokenizer files": ({}, _drop_tokenizer, [], ["model", "no tokenizer files"]),
+    "tokenizer past the embedding": ({"t.jsonl": (ALPACA_ROW + "\n").encode() * 3 + json.dumps(
+        {**GOOD_ALPACA, "output": "<|extra_token|>"}).encode()}, _grow_tokenizer, [],
+        ["t.jsonl", "row 4", "<|extra_token|>", "embedding", "rows", "ids"]),
+}
+
+
+def _write_case(root: Path, files: dict) -> None:
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if not name.endswith("/x"):
+            (root / name).write_bytes(content)
+
+
+def _finetune_argv(name: str, root: Path, tiny_models) -> list[str]:
+    """Write case `name`'s inputs under root and return its finetune arguments."""
+    files, damage, args, _ = FINETUNE_CASES[name]
+    root.mkdir(parents=True)
+    _write_case(root, files)
+    model = _model_copy(tiny_models, root, damage) if damage else tiny_models["instruct"]
+    args = [a.format(dir=root) for a in args]
+    config = [] if "--config" in args else ["--config", str(REPO / "cookbook" / "tiny_full.yaml")]
+    train = [] if any(a.startswith("data.train_path=") for a in args) else [f"data.train_path={root / 't.jsonl'}"]
+    if train and not (root / "t.jsonl").exists():  # the case damages something else: a good data file
+        (root / "t.jsonl").write_text((ALPACA_ROW + "\n") * 16)
+    return [*config, *args, *train, "model.source=hf", f"model.path={model}", "data.eval_path=",
+            "train.micro_batch_size=1", "train.grad_accum_steps=1", "log.progress_bar=false", "log.tensorboard=false",
+            f"checkpoint.output_dir={root.parent / (root.name + '_run')}"]
+
+
+def _error_line(output: str, *needles: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_finetune_bad_inputs_under_torchrun(tiny_models, tmp_path):
+    """Every case through finetune's own main on 2 ranks of one torchrun job (one launch for all; see
+    tests/bad_inputs_ranks.py): exit status 2 on both ranks, one `error:` line from rank 0 and none from
+    rank 1, the file (row, field, line) named, no traceback, the inputs unchanged, no checkpoint."""
+    import os
+    import subprocess
+
+    from recipes_core.launch import launch_command
+
+    cases = {name: _finetune_argv(name, tmp_path / f"case{i}", tiny_models) for i, name in enumerate(FINETUNE_CASES)}
+    before = {name: _tree_bytes(tmp_path / f"case{i}") for i, name in enumerate(FINETUNE_CASES)}
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    # A timeout, not run_script: without the fix a rank that dies while the other waits in a collective hangs.
+    command = launch_command(2, args=[str(tmp_path / "cases.json"), str(tmp_path)],
+                             script=REPO / "tests" / "bad_inputs_ranks.py")
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for i, (name, (_, _, _, needles)) in enumerate(FINETUNE_CASES.items()):
+        root = tmp_path / f"case{i}"
+        assert ranks[0][name]["code"] == ranks[1][name]["code"] == 2, (name, ranks[0][name], ranks[1][name])
+        line = _error_line(ranks[0][name]["output"], *[n.format(dir=root) for n in needles])
+        assert "error:" not in ranks[1][name]["output"] and "Traceback" not in ranks[1][name]["output"], name
+        print(f"{name}: {line}")
+        assert _tree_bytes(root) == before[name], name
+        assert not list((tmp_path / f"case{i}_run").glob("step_*")), name
+
+
+def test_finetune_bad_data_exits_2_from_the_launcher(tiny_models, tmp_path):
+    """One case as a whole job: the launcher itself exits 2, rank 0 alone prints the line."""
+    from recipes_core.launch import run_recipe
+
+    args = _finetune_argv("invalid UTF-8", tmp_path / "case", tiny_models)
+    before = _tree_bytes(tmp_path / "case")
+    proc = run_recipe(args, nproc=2, cwd=REPO, check=False, env={"OMP_NUM_THREADS": "1"})
+    _assert_one_error_line(proc, "t.jsonl", "line 2", "not UTF-8")
+    assert _tree_bytes(tmp_path / "case") == before
+
+
+def test_a_bom_is_accepted(tmp_path):
+    """Editors on Windows start UTF-8 files with a byte-order mark; the rows read the same without it."""
+    from recipes_core.data import load_records
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (ALPACA_ROW + "\n").encode() * 2)
+    assert load_records(path, "alpaca").to_list() == [GOOD_ALPACA, GOOD_ALPACA]
+
+
+def _python_m(module: str, *args) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_doctor_data_refuses_what_training_would(tiny_models, tmp_path):
+    """`doctor data` stops on the same untrainable data as finetune's preflight: nothing supervised after
+    truncation, and a token past the embedding (the tokenizer folder's config.json gives its rows)."""
+    data = tmp_path / "t.jsonl"
+    data.write_text((ALPACA_ROW + "\n") * 3 + json.dumps({**GOOD_ALPACA, "output": "<|extra_token|>"}) + "\n")
+    model = _model_copy(tiny_models, tmp_path, _grow_tokenizer)
+    before = _tree_bytes(tmp_path)
+    proc = _python_m("recipes_core.doctor", "data", data, "--format", "alpaca", "--tokenizer", model)
+    _assert_one_error_line(proc, "t.jsonl", "row 4", "<|extra_token|>", "embedding")
+    proc = _python_m("recipes_core.doctor", "data", data, "--format", "alpaca", "--tokenizer",
+                     tiny_models["instruct"], "--max-seq-len", 16)
+    _assert_one_error_line(proc, "t.jsonl", "no example keeps a supervised token", "--max-seq-len 16")
+    assert _tree_bytes(tmp_path) == before
+
+
+def test_infer_batch_size_zero(tiny_models, tmp_path):
+    proc = _python_m("recipes_core.infer", tiny_models["instruct"], "--prompt", "hi", "--batch-size", 0)
+    _assert_one_error_line(proc, "--batch-size 0", "at least 1")
+
+
+def test_every_command_exits_2_with_one_error_line(tiny_models, good_checkpoint, tmp_path):
+    """Issue 14: one wrapper for every command; each gets one bad input and answers the same way (finetune:
+    test_finetune_bad_data_exits_2_from_the_launcher)."""
+    missing = tmp_path / "missing"
+    damaged = _model_copy(tiny_models, tmp_path, lambda m: _truncate(m / "config.json", 50))
+    ckpt = tmp_path / "step_3"
+    shutil.copytree(good_checkpoint, ckpt)
+    (ckpt / ".metadata").unlink()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n{\"prompt\": \n")
+    before = _tree_bytes(tmp_path)
+    cases = {  # command: (its process, what its error line names)
+        "convert": (_python_m("recipes_core.convert", ckpt, tmp_path / "hf"), ["step_3", ".metadata is missing"]),
+        "infer": (_python_m("recipes_core.infer", tiny_models["instruct"], "--prompts-file", prompts),
+                  ["p.jsonl", "row 2", "invalid JSON"]),
+        "doctor": (_python_m("recipes_core.doctor", "model", damaged), ["model/config.json", "not valid JSON"]),
+        "checkpoint": (_python_m("recipes_core.checkpoint", "size", missing), ["missing", "no complete checkpoint"]),
+        "quickstart": (_python_m("recipes_core.quickstart", "--steps", 0, "--out", missing), ["--steps 0"]),
+    }
+    for command, (proc, needles) in cases.items():
+        print(f"{command}: {_assert_one_error_line(proc, *needles)}")
+    assert _tree_bytes(tmp_path) == before and not missing.exists() and not (tmp_path / "hf").exists()

@@ -134,7 +134,9 @@ def test_incomplete_checkpoints_are_refused(tiny_models, tmp_path, capsys):
     shard.with_suffix(".moved").rename(shard)
 
     (ckpt / ".metadata").rename(ckpt / "metadata.moved")
-    assert convert_main([str(ckpt), str(tmp_path / "hf")]) == 2
+    with pytest.raises(SystemExit) as exit_info:  # bad input: one `error:` line, exit 2
+        convert_main([str(ckpt), str(tmp_path / "hf")])
+    assert exit_info.value.code == 2
     assert ".metadata is missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no half-written folder
 

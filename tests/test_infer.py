@@ -64,5 +64,7 @@ def test_command_streams_one_prompt_and_batches_a_file(quickstart_run, tiny_mode
     printed = capsys.readouterr().out
     assert all(a["answer"] in printed for a in answered[:5])
 
-    assert main([str(tiny_models["base"]), "--prompt", "hi"]) == 2  # chat with a base model
+    with pytest.raises(SystemExit) as exit_info:  # chat with a base model: bad input, exit 2
+        main([str(tiny_models["base"]), "--prompt", "hi"])
+    assert exit_info.value.code == 2
     assert "no chat template" in capsys.readouterr().err

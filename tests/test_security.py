@@ -58,7 +58,10 @@ def test_convert_refuses_a_malicious_metadata(poisoned, tmp_path, capsys):
     from recipes_core.convert import main
 
     out = tmp_path / "hf"
-    code = main([str(poisoned["ckpt"]), str(out)])
+    try:
+        code = main([str(poisoned["ckpt"]), str(out)])
+    except SystemExit as exit_info:  # bad input: one `error:` line, exit 2
+        code = exit_info.code
     assert not poisoned["marker"].exists(), "the payload ran"
     if poisoned["kind"] == "metadata":
         assert code == 2
@@ -73,7 +76,10 @@ def test_checkpoint_check_refuses_it(poisoned, capsys):
     from recipes_core.checkpoint import find_latest, is_complete
     from recipes_core.doctor import main
 
-    code = main(["checkpoint", str(poisoned["ckpt"])])
+    try:
+        code = main(["checkpoint", str(poisoned["ckpt"])])
+    except SystemExit as exit_info:  # bad input: one `error:` line, exit 2
+        code = exit_info.code
     err = capsys.readouterr().err
     assert not poisoned["marker"].exists(), "the payload ran"
     if poisoned["kind"] == "metadata":
