@@ -73,9 +73,11 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"step_{step}"
 
 
-def _read_metadata(ckpt_dir: Path):
-    """DCP's index (a pickled Metadata object), read with a restricted unpickler: a .metadata file from
-    elsewhere must not run code. dcp.load reads it again with plain pickle, so this check comes first."""
+def read_metadata(ckpt_dir: str | Path):
+    """DCP's index of a checkpoint folder (a pickled `Metadata`: `state_dict_metadata` maps every saved key to
+    its global shape and dtype, `storage_data` says which file holds which chunk), read with a restricted
+    unpickler: a .metadata file from elsewhere must not run code. Raises if it is missing, damaged, or carries
+    code. (dcp.load reads it again with plain pickle, so the recipes call this first.)"""
     return check_checkpoint_metadata(ckpt_dir)
 
 
@@ -85,7 +87,7 @@ def is_complete(ckpt_dir: str | Path) -> bool:
     if not (ckpt_dir / METADATA).is_file():
         return False
     try:
-        metadata = _read_metadata(ckpt_dir)
+        metadata = read_metadata(ckpt_dir)
     except Exception:
         return False
     needed: dict[str, int] = {}
@@ -228,7 +230,7 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, trainer_s
                                                          set_optimizer_state_dict)
 
     ckpt_dir = Path(ckpt_dir)
-    metadata = _read_metadata(ckpt_dir)  # raises if missing, damaged, or carrying code
+    metadata = read_metadata(ckpt_dir)  # raises if missing, damaged, or carrying code
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir}: not a complete checkpoint (shard files missing or short)")
     saved_keys = {key.split(".")[0] for key in metadata.state_dict_metadata}
@@ -269,7 +271,7 @@ def measured_sizes(ckpt_dir: str | Path) -> dict[str, int]:
     """Bytes per DCP top-level key (from .metadata), plus the files on disk in all."""
     ckpt_dir = Path(ckpt_dir)
     sizes: dict[str, int] = {}
-    for index, info in _read_metadata(ckpt_dir).storage_data.items():
+    for index, info in read_metadata(ckpt_dir).storage_data.items():
         key = index.fqn.split(".")[0]
         sizes[key] = sizes.get(key, 0) + info.length
     sizes["files_on_disk"] = sum(p.stat().st_size for p in ckpt_dir.iterdir() if p.is_file())

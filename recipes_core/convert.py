@@ -31,8 +31,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from recipes_core.checkpoint import LATEST, METADATA, TRAIN_PARAMS, find_latest, is_complete, load_train_params
-from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata
+from recipes_core.checkpoint import (LATEST, METADATA, TRAIN_PARAMS, find_latest, is_complete, load_train_params,
+                                     read_metadata)
+from recipes_core.safety import UnsafeCheckpointError
 from recipes_core.models import build_model_from_config, reset_rotary_buffers, resolve_model_source
 from recipes_core.tokens import end_token_ids, load_tokenizer
 
@@ -81,10 +82,6 @@ def require_complete(ckpt_dir: Path) -> None:
     if reasons:
         raise CheckpointError(f"{ckpt_dir} is not a complete checkpoint:\n  - " + "\n  - ".join(reasons)
                               + "\nUse an earlier step_<k> folder, or finish/re-run the save.")
-
-
-def read_metadata(ckpt_dir: str | Path):
-    return check_checkpoint_metadata(ckpt_dir)  # restricted unpickler: DCP's own reader uses plain pickle
 
 
 def shard_sizes(ckpt_dir: str | Path) -> dict[str, int]:

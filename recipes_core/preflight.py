@@ -276,7 +276,7 @@ def shape_errors(cfg, model_config: dict) -> list[str]:
     chosen = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
     if chosen is None:
         return []
-    saved = {key[len("model."):]: meta.size for key, meta in ckpt._read_metadata(chosen).state_dict_metadata.items()
+    saved = {key[len("model."):]: meta.size for key, meta in ckpt.read_metadata(chosen).state_dict_metadata.items()
              if key.startswith("model.") and hasattr(meta, "size")}
     expected = {name: t.shape for name, t in build_model_from_config(model_config, "meta").state_dict().items()}
     wrong = [f"{name} is {list(saved[name])} in the checkpoint, {list(shape)} in the model"

@@ -147,9 +147,9 @@ def test_checkpoint_folders_follow_the_contract(runs):
         keys = set(measured_sizes(folder)) - {"files_on_disk"}
         assert keys == {"model", "optim", "scheduler", "trainer"}
     # The model keys are the plain Hugging Face names, each saved once.
-    from recipes_core.checkpoint import _read_metadata
+    from recipes_core.checkpoint import read_metadata
 
-    fqns = [k for k in _read_metadata(out / f"step_{STEPS}").state_dict_metadata if k.startswith("model.")]
+    fqns = [k for k in read_metadata(out / f"step_{STEPS}").state_dict_metadata if k.startswith("model.")]
     assert "model.model.layers.0.self_attn.q_proj.weight" in fqns and "model.lm_head.weight" in fqns
     assert not [k for k in fqns if "_fsdp" in k or "_orig_mod" in k]
     # Model-only checkpoints: no optimizer, scheduler, trainer state or RNG files.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from recipes_core.checkpoint import _read_metadata, find_latest, is_complete, load_train_params
+from recipes_core.checkpoint import read_metadata, find_latest, is_complete, load_train_params
 from test_finetune import losses, run_in_process
 
 TINY_RUN = ["data.max_seq_len=96", "data.max_train_examples=64", "data.max_eval_examples=8",
@@ -30,14 +30,14 @@ def test_lora_trains_and_saves_only_the_adapters(tiny_models, tmp_path):
     ckpt = find_latest(out)
     assert ckpt.name == "step_6" and is_complete(ckpt)
     assert [p.name for p in out.glob("step_*")] == ["step_6"]  # keep_last_n=1 pruned step_3
-    model_keys = [k for k in _read_metadata(ckpt).state_dict_metadata if k.startswith("model.")]
+    model_keys = [k for k in read_metadata(ckpt).state_dict_metadata if k.startswith("model.")]
     assert model_keys and all(".lora_A." in k or ".lora_B." in k for k in model_keys), model_keys
     assert "model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in model_keys
     assert len(model_keys) == 4 * 4 * 2
     params = load_train_params(ckpt)
     assert params["lora"]["r"] == 8 and params["lora"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     # The optimizer holds state for the adapters only (exp_avg, exp_avg_sq, step per adapter tensor).
-    optim_keys = [k for k in _read_metadata(ckpt).state_dict_metadata if k.startswith("optim.state.")]
+    optim_keys = [k for k in read_metadata(ckpt).state_dict_metadata if k.startswith("optim.state.")]
     assert optim_keys and all("lora_" in k for k in optim_keys)
 
 
