@@ -266,3 +266,50 @@ def test_teardown_frees_the_process_group(wide_tiny, tmp_path):
     run_in_process(tmp_path, COMMON + ["model.source=hf", f"model.path={wide_tiny}", "train.max_steps=2",
                                        "checkpoint.save_final=false", "train.eval_every=0"])
     assert gloo_threads() == before, "gloo threads outlived destroy_process_group (see distributed.teardown)"
+
+
+SCRIPT_WITH_A_LIVE_MODEL = '''
+import os, sys, torch
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
+from recipes_core.distributed import process_group
+
+def gloo_threads():
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        except OSError:
+            pass
+    return [n for n in names if "gloo" in n]
+
+with process_group() as env:  # module-level on purpose: the sharded model and optimizer outlive the block
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size - 8, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    inside = len(gloo_threads())
+print(f"rank {env.rank}: gloo threads inside {inside}, after {len(gloo_threads())}", flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_process_group_frees_the_group_while_the_model_lives(tiny_models, tmp_path):
+    """A raw FSDP2 script under torchrun (2 ranks) whose sharded model is still referenced after
+    `with process_group()`: FSDP's mesh info and the device meshes hold the destroyed group, and only
+    teardown dropping those references lets it go (and gloo's threads end) before interpreter shutdown."""
+    from recipes_core.launch import run_script
+
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT_WITH_A_LIVE_MODEL)
+    result = run_script(script, [str(tiny_models["instruct"])], nproc=2, cwd=REPO)
+    lines = sorted(line for line in result.stdout.splitlines() if "gloo threads" in line)
+    assert len(lines) == 2, result.stdout + result.stderr
+    for line in lines:
+        inside, after = (int(n) for n in line.replace(",", "").split()[-3::2])
+        assert inside > 0 and after == 0, line
+    assert "still referenced" not in result.stderr, result.stderr[-2000:]
