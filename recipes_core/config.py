@@ -10,6 +10,7 @@ nearest valid one (difflib), because a silently ignored `train.learning_rate=...
 from __future__ import annotations
 
 from recipes_core.errors import UserError
+from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, CLASSIFICATION_PROMPT, check_classification_task
 
 import dataclasses
 import difflib
@@ -41,6 +42,11 @@ class DataConfig:
     max_train_examples: int = 0  # 0 = all; small numbers make quick tests
     max_eval_examples: int = 0
     shuffle: bool = True
+    # classification only: the prompt ({sentence1}, {sentence2} filled in from each row) and the word that
+    # answers each label (label k -> label_words[k]; the leading space is part of the word). The defaults
+    # ask the paraphrase question of the PAWS-X-shaped data; recipes_core.classify takes the same two.
+    classification_prompt: str = CLASSIFICATION_PROMPT
+    label_words: list[str] = field(default_factory=lambda: list(CLASSIFICATION_LABEL_WORDS))
 
 
 @dataclass
@@ -217,6 +223,11 @@ def validate(config: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"{key} must be at least 1")
+    if config.data.format == "classification":
+        try:
+            check_classification_task(config.data.classification_prompt, config.data.label_words)
+        except ValueError as err:
+            raise ConfigError(f"data.classification_prompt / data.label_words: {err}") from None
     if config.model.source != "tiny" and not config.model.path:
         raise ConfigError(f"model.source={config.model.source} needs model.path")
 

@@ -48,10 +48,13 @@ from recipes_core.tokens import load_tokenizer
 # ----- data --------------------------------------------------------------------------------------------
 
 def tokenized(path: str, cfg: Config, tokenizer, limit: int) -> list[dict]:
-    records = load_records(path, cfg.data.format)
+    records = load_records(path, cfg.data.format, num_labels=len(cfg.data.label_words))
     if limit:
         records = records.select(range(min(limit, len(records))))
-    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs)
+    options = ({"prompt": cfg.data.classification_prompt, "label_words": tuple(cfg.data.label_words)}
+               if cfg.data.format == "classification" else {})
+    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs,
+                                **options)
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
     if cfg.data.packing:
         return pack_examples(examples, cfg.data.max_seq_len, tokenizer.pad_token_id)
