@@ -6,6 +6,8 @@ Writes (JSON Lines, one example a line):
   alpaca_train.jsonl / alpaca_eval.jsonl   Alpaca format: instruction, input, output
   chat_train.jsonl / chat_eval.jsonl       chat format: messages = [{role, content}, ...]
   pawsx_train.jsonl / pawsx_eval.jsonl     PAWS-X shape: sentence1, sentence2, label (1 = paraphrase)
+  reviews_train.jsonl / reviews_eval.jsonl classification: a review, a fixed claim, label (1 = the review
+                                           agrees with the claim); a lexical task a tiny model learns on CPU
 
 No text is copied from public datasets. The tasks are rules, not facts, so held-out accuracy measures
 whether a model learned the rule: an eval example is never a train example (checked below), but it
@@ -139,6 +141,17 @@ def pawsx_example(rng: random.Random) -> dict:
     return {"sentence1": sentence1.capitalize(), "sentence2": sentence2.capitalize(), "label": label}
 
 
+REVIEW_CLAIM = "I liked it."
+
+
+def review_example(rng: random.Random) -> dict:
+    """A review written with POSITIVE or NEGATIVE words, and the claim "I liked it.": label 1 when the review
+    agrees with the claim. Lexical on purpose: the adjectives alone decide the label, so a randomly initialized
+    tiny model can learn it in a few dozen CPU steps (the paraphrase pairs need far more)."""
+    text, sentiment = _sentiment(rng)
+    return {"sentence1": text.capitalize() + ".", "sentence2": REVIEW_CLAIM, "label": int(sentiment == "positive")}
+
+
 def _split(make, rng: random.Random, n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:
     """Draw unique examples; the eval split holds none of the train examples."""
     seen: set[str] = set()
@@ -160,7 +173,8 @@ def build_all(seed: int = 0) -> dict[str, list[dict]]:
     files = {}
     for name, make, n_train, n_eval in [("alpaca", alpaca_example, 2000, 200),
                                          ("chat", chat_example, 1000, 100),
-                                         ("pawsx", pawsx_example, 1500, 300)]:
+                                         ("pawsx", pawsx_example, 1500, 300),
+                                         ("reviews", review_example, 2000, 300)]:
         train, evaluation = _split(make, random.Random(f"{seed}-{name}"), n_train, n_eval)
         files[f"{name}_train.jsonl"], files[f"{name}_eval.jsonl"] = train, evaluation
     return files

@@ -4,6 +4,9 @@ between the first token of each label word; the label whose word scores higher w
     from recipes_core.classify import classify
     result = classify(model, tokenizer, records)   # records: {"sentence1", "sentence2", "label"}
     result.accuracy, result.predictions
+    # your own task: the prompt and label words the model was trained with (data.classification_prompt,
+    # data.label_words in the recipe's config)
+    result = classify(model, tokenizer, records, prompt="Review: {sentence1}\nVerdict:", label_words=(" bad", " good"))
 
 Why scoring and not generation: the model was trained to put exactly one label word after the prompt, so
 the question "which label?" is the question "which of these tokens is likelier next?". One forward pass
@@ -21,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, classification_prompt, prompt_token_ids
+from recipes_core.preprocess import (CLASSIFICATION_LABEL_WORDS, CLASSIFICATION_PROMPT, check_classification_task,
+                                     classification_prompt, prompt_token_ids)
 
 
 @dataclass
@@ -52,16 +56,19 @@ def label_token_ids(tokenizer, label_words: tuple[str, ...] = CLASSIFICATION_LAB
     return ids
 
 
-def prompt_ids(record: dict, tokenizer) -> list[int]:
+def prompt_ids(record: dict, tokenizer, prompt: str = CLASSIFICATION_PROMPT) -> list[int]:
     """bos + prompt, as training tokenizes it (tokenize_classification's input_ids before the answer)."""
-    return prompt_token_ids(tokenizer, classification_prompt(record))
+    return prompt_token_ids(tokenizer, classification_prompt(record, prompt))
 
 
 @torch.no_grad()
 def classify(model, tokenizer, records: list[dict], batch_size: int = 64,
-             label_words: tuple[str, ...] = CLASSIFICATION_LABEL_WORDS) -> ClassifyResult:
-    """Predict every record's label; batches are left-padded so the last position of every row is the
-    end of its prompt. Position ids count from each row's first real token, as in training."""
+             label_words: tuple[str, ...] = CLASSIFICATION_LABEL_WORDS,
+             prompt: str = CLASSIFICATION_PROMPT) -> ClassifyResult:
+    """Predict every record's label (label k = label_words[k]); batches are left-padded so the last position
+    of every row is the end of its prompt. Position ids count from each row's first real token, as in
+    training. prompt and label_words must be the ones the model was trained with."""
+    check_classification_task(prompt, label_words)
     label_ids = label_token_ids(tokenizer, label_words)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -70,7 +77,7 @@ def classify(model, tokenizer, records: list[dict], batch_size: int = 64,
     scores = []
     try:
         for start in range(0, len(records), batch_size):
-            prompts = [prompt_ids(r, tokenizer) for r in records[start:start + batch_size]]
+            prompts = [prompt_ids(r, tokenizer, prompt) for r in records[start:start + batch_size]]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)

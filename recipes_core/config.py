@@ -10,6 +10,7 @@ nearest valid one (difflib), because a silently ignored `train.learning_rate=...
 from __future__ import annotations
 
 from recipes_core.errors import UserError
+from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, CLASSIFICATION_PROMPT, check_classification_task
 
 import dataclasses
 import difflib
@@ -46,6 +47,11 @@ class DataConfig:
     # (config.yaml, each checkpoint's train_params.yaml); a resume re-uses the saved one, so the same data
     # tokenizes the same on any day.
     chat_date: str = ""
+    # classification only: the prompt ({sentence1}, {sentence2} filled in from each row) and the word that
+    # answers each label (label k -> label_words[k]; the leading space is part of the word). The defaults
+    # ask the paraphrase question of the PAWS-X-shaped data; recipes_core.classify takes the same two.
+    classification_prompt: str = CLASSIFICATION_PROMPT
+    label_words: list[str] = field(default_factory=lambda: list(CLASSIFICATION_LABEL_WORDS))
 
 
 @dataclass
@@ -249,6 +255,11 @@ def config_errors(config: Config) -> list[str]:
     if config.data.max_seq_len < 2:  # token t predicts token t+1: one token has nothing to predict
         errors.append(f"data.max_seq_len={config.data.max_seq_len} must be at least 2 (a token is trained to "
                       "predict the next one); use the longest example's length, e.g. 256")
+    if config.data.format == "classification":
+        try:
+            check_classification_task(config.data.classification_prompt, config.data.label_words)
+        except ValueError as err:
+            errors.append(f"data.classification_prompt / data.label_words: {err}")
     if config.model.source != "tiny" and not config.model.path:
         errors.append(f"model.source={config.model.source} needs model.path")
     positive = {"train.lr": config.train.lr}

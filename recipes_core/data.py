@@ -37,7 +37,8 @@ def _where(source: str, row: int, field: str | None = None) -> str:
     return f"{source}: row {row}" + (f": field '{field}'" if field else "")
 
 
-def validate_record(record, fmt: str, source: str, row: int) -> None:
+def validate_record(record, fmt: str, source: str, row: int, num_labels: int = 2) -> None:
+    """num_labels: classification labels are 0 .. num_labels - 1 (one per label word)."""
     if fmt not in SCHEMAS:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {sorted(SCHEMAS)}")
     if not isinstance(record, dict):
@@ -56,8 +57,10 @@ def validate_record(record, fmt: str, source: str, row: int) -> None:
         empty = (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
         if empty and not may_be_empty:
             raise DataFormatError(f"{_where(source, row, field)} is empty; remove the row or fill it in")
-    if fmt == "classification" and record["label"] not in (0, 1):
-        raise DataFormatError(f"{_where(source, row, 'label')} is {record['label']!r}; labels are 0 or 1")
+    if fmt == "classification" and not 0 <= record["label"] < num_labels:
+        allowed = ", ".join(map(str, range(num_labels - 1))) + f" or {num_labels - 1}"
+        raise DataFormatError(f"{_where(source, row, 'label')} is {record['label']!r}; labels are {allowed} "
+                              f"(one per word in data.label_words)")
     if fmt == "chat":
         _validate_messages(record["messages"], source, row)
 
@@ -117,8 +120,9 @@ def _read_json_rows(path: Path) -> list:
     return list(enumerate(data, start=1))
 
 
-def load_records(source: str | Path, fmt: str, split: str = "train") -> datasets.Dataset:
-    """A validated `datasets.Dataset` from a local .json/.jsonl/.parquet file or a hub dataset name.
+def load_records(source: str | Path, fmt: str, split: str = "train", num_labels: int = 2) -> datasets.Dataset:
+    """A validated `datasets.Dataset` from a local .json/.jsonl/.parquet file or a hub dataset name
+    (classification: labels 0 .. num_labels - 1).
 
     Rows are numbered from 1: the line number in JSONL, the position in a JSON array or Parquet file.
     """
@@ -144,5 +148,5 @@ def load_records(source: str | Path, fmt: str, split: str = "train") -> datasets
         raise DataFormatError(f"{label}: no rows (the file is empty or only blank lines); give one JSON object a "
                               "line")
     for row_no, record in rows:
-        validate_record(record, fmt, label, row_no)
+        validate_record(record, fmt, label, row_no, num_labels)
     return datasets.Dataset.from_list([record for _, record in rows])

@@ -42,7 +42,7 @@ from recipes_core.errors import command
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
-from recipes_core.preprocess import today_for_templates, tokenize_records
+from recipes_core.preprocess import data_options, today_for_templates, tokenize_records
 from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
 
@@ -51,11 +51,11 @@ from recipes_core.tokens import load_tokenizer
 
 def tokenized(path: str, cfg: Config, tokenizer, limit: int) -> list[dict]:
     """One file, loaded, tokenized and (data.packing) packed as the run does, outside a run."""
-    records = load_records(path, cfg.data.format)
+    records = load_records(path, cfg.data.format, num_labels=len(cfg.data.label_words))
     if limit:
         records = records.select(range(min(limit, len(records))))
     examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs,
-                                cfg.data.chat_date)
+                                **data_options(cfg.data))
     return training_examples(examples, cfg, tokenizer)
 
 

@@ -311,7 +311,7 @@ def check_data(cfg, env, tokenizer, embedding_rows: int) -> dict[str, list[dict]
     truncation, a token id past the model's embedding. Returns {"train": examples, "eval": examples}."""
     from recipes_core.checks import untrainable_errors
     from recipes_core.data import load_records
-    from recipes_core.preprocess import tokenize_records
+    from recipes_core.preprocess import data_options, tokenize_records
 
     errors, examples = [], {"train": [], "eval": []}
     for split, limit in (("train", cfg.data.max_train_examples), ("eval", cfg.data.max_eval_examples)):
@@ -319,11 +319,11 @@ def check_data(cfg, env, tokenizer, embedding_rows: int) -> dict[str, list[dict]
         if not path or errors:
             continue
         try:
-            records = load_records(path, cfg.data.format)
+            records = load_records(path, cfg.data.format, num_labels=len(cfg.data.label_words))
             if limit:
                 records = records.select(range(min(limit, len(records))))
             examples[split] = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len,
-                                               cfg.data.train_on_inputs, cfg.data.chat_date)
+                                               cfg.data.train_on_inputs, **data_options(cfg.data))
         except UserError as err:
             errors.append(str(err))
             continue

@@ -10,6 +10,7 @@ model shifts them by one inside its loss, as in Hugging Face).
 
 from __future__ import annotations
 
+import string
 from typing import Any, Callable
 
 from transformers import PreTrainedTokenizerBase
@@ -26,9 +27,12 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# The default classification task (the paraphrase question); data.classification_prompt and data.label_words
+# set your own. The prompt may use {sentence1} and {sentence2}; label k is answered with label_words[k].
 CLASSIFICATION_PROMPT = ("Sentence 1: {sentence1}\nSentence 2: {sentence2}\n"
                          "Do the two sentences mean the same thing? Answer:")
 CLASSIFICATION_LABEL_WORDS = (" no", " yes")  # label 0, label 1; the leading space is part of the word
+PROMPT_FIELDS = ("sentence1", "sentence2")
 
 
 def _finish(ids: list[int], labels: list[int], max_seq_len: int | None) -> dict[str, Any]:
@@ -70,16 +74,37 @@ def tokenize_alpaca(record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_le
     return _prompt_answer(tokenizer, alpaca_prompt(record), record["output"], max_seq_len, train_on_inputs)
 
 
-def classification_prompt(record: dict) -> str:
-    return CLASSIFICATION_PROMPT.format(sentence1=record["sentence1"], sentence2=record["sentence2"])
+def check_classification_task(prompt: str, label_words: tuple[str, ...] | list[str]) -> None:
+    """A prompt that only uses {sentence1} / {sentence2} (a typo such as {sentence} would fail on the first
+    record) and at least two distinct, non-empty label words; ValueError says what is wrong."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
+    except ValueError as err:
+        raise ValueError(f"classification prompt {prompt!r}: {err} (write a literal brace as {{{{ or }}}})") from None
+    unknown = sorted(fields - set(PROMPT_FIELDS))
+    if unknown:
+        raise ValueError(f"classification prompt uses {unknown}; it may only use "
+                         f"{', '.join('{' + f + '}' for f in PROMPT_FIELDS)}")
+    if len(label_words) < 2 or len(set(label_words)) != len(label_words) or not all(w.strip() for w in label_words):
+        raise ValueError(f"label words {list(label_words)}: give at least two distinct, non-empty words, "
+                         "one per label (label k is answered with word k)")
+
+
+def classification_prompt(record: dict, prompt: str = CLASSIFICATION_PROMPT) -> str:
+    return prompt.format(sentence1=record["sentence1"], sentence2=record["sentence2"])
 
 
 def tokenize_classification(record: dict, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None = None,
-                            train_on_inputs: bool = False) -> dict[str, Any]:
+                            train_on_inputs: bool = False, prompt: str = CLASSIFICATION_PROMPT,
+                            label_words: tuple[str, ...] = CLASSIFICATION_LABEL_WORDS) -> dict[str, Any]:
     """Both sentences and the question masked; only the label word and EOS supervised, unless
     train_on_inputs, which supervises everything (the common mistake the notebooks measure)."""
-    answer = CLASSIFICATION_LABEL_WORDS[int(record["label"])]
-    return _prompt_answer(tokenizer, classification_prompt(record), answer, max_seq_len, train_on_inputs)
+    label = int(record["label"])
+    if not 0 <= label < len(label_words):
+        raise ValueError(f"label {record['label']!r} has no label word: labels are 0 to {len(label_words) - 1} "
+                         f"for label words {list(label_words)}")
+    return _prompt_answer(tokenizer, classification_prompt(record, prompt), label_words[label], max_seq_len,
+                          train_on_inputs)
 
 
 def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
@@ -158,13 +183,23 @@ FORMATS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
+def data_options(data_cfg) -> dict[str, Any]:
+    """What a run's data config adds to its format's tokenize function: the template date for chat
+    (fixed per run, DataConfig.chat_date), the prompt and label words for classification."""
+    if data_cfg.format == "chat":
+        return {"chat_date": data_cfg.chat_date}
+    if data_cfg.format == "classification":
+        return {"prompt": data_cfg.classification_prompt, "label_words": tuple(data_cfg.label_words)}
+    return {}
+
+
 def tokenize_records(records, fmt: str, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None = None,
-                     train_on_inputs: bool = False, chat_date: str = "") -> list[dict[str, Any]]:
+                     train_on_inputs: bool = False, **options) -> list[dict[str, Any]]:
+    """options go to the format's function: classification takes prompt= and label_words=."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; choose one of {sorted(FORMATS)}")
     tokenize = FORMATS[fmt]
-    extra = {"chat_date": chat_date} if fmt == "chat" else {}
-    return [tokenize(record, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs, **extra)
+    return [tokenize(record, tokenizer, max_seq_len=max_seq_len, train_on_inputs=train_on_inputs, **options)
             for record in records]
 
 

@@ -40,6 +40,9 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "cookbook" / "data"
+# The files the tokenizer is trained on, named rather than globbed: a dataset added to cookbook/data later
+# (reviews_*.jsonl, your own) must not change the vocabulary, and so every token id the notebooks show.
+TOKENIZER_CORPUS = ("alpaca_train.jsonl", "chat_train.jsonl", "pawsx_train.jsonl")
 
 
 def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
@@ -53,7 +56,7 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
 
 
 def corpus_texts(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[str]:
-    """Every string in the generated train files, in a fixed order (the BPE merges depend on it)."""
+    """Every string in the TOKENIZER_CORPUS train files, in a fixed order (the BPE merges depend on it)."""
     texts: list[str] = []
 
     def collect(value):
@@ -66,9 +69,10 @@ def corpus_texts(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[str]:
             for item in value:
                 collect(item)
 
-    files = sorted(Path(data_dir).glob("*_train.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"{data_dir}: no *_train.jsonl files; run `python cookbook/make_datasets.py`")
+    files = [Path(data_dir) / name for name in TOKENIZER_CORPUS]
+    missing = [str(path) for path in files if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)}: missing; run `python cookbook/make_datasets.py`")
     for path in files:
         with open(path, encoding="utf-8") as f:
             for line in f:

@@ -80,3 +80,49 @@ def test_label_words_are_scored_by_distinct_first_tokens(model, instruct_tokeniz
         label_token_ids(instruct_tokenizer, (" no", " no"))
     with pytest.raises(ValueError, match="no token"):
         label_token_ids(instruct_tokenizer, ("", " yes"))
+
+
+def test_custom_prompt_and_label_words_go_through_the_recipe_and_classify(model, instruct_tokenizer, tmp_path):
+    """Your own task: data.classification_prompt and data.label_words reach the recipe's tokenization
+    (recipes_core.finetune.tokenized, what training reads) and classify scores the same prompt and words."""
+    from recipes_core.config import ConfigError, load_config
+    from recipes_core.data import DataFormatError
+    from recipes_core.finetune import tokenized
+
+    prompt = "Review: {sentence1}\nVerdict:"
+    words = [" negative", " no", " positive"]  # three labels; " positive" is one tiny token, " no" too
+    rows = [{"sentence1": "the soup was bland", "sentence2": "-", "label": 0},
+            {"sentence1": "the soup was fine i guess", "sentence2": "-", "label": 1},
+            {"sentence1": "the staff were lovely", "sentence2": "-", "label": 2}]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = ["data.format=classification", f"data.train_path={path}", f"data.classification_prompt={prompt}",
+                 f"data.label_words={json.dumps(words)}"]
+    cfg = load_config(None, overrides)
+    assert cfg.data.label_words == words and cfg.data.classification_prompt == prompt
+
+    examples = tokenized(str(path), cfg, instruct_tokenizer, limit=0)
+    first_tokens = label_token_ids(instruct_tokenizer, words)
+    for row, example in zip(rows, examples):
+        ids = prompt_ids(row, instruct_tokenizer, prompt)
+        assert instruct_tokenizer.decode(ids[1:]) == f"Review: {row['sentence1']}\nVerdict:"
+        assert example["input_ids"][:len(ids)] == ids and set(example["labels"][:len(ids)]) == {IGNORE_INDEX}
+        supervised = [t for t in example["labels"] if t != IGNORE_INDEX]
+        assert instruct_tokenizer.decode(supervised) == words[row["label"]] + instruct_tokenizer.eos_token
+        assert example["input_ids"][len(ids)] == first_tokens[row["label"]]
+
+    result = classify(model, instruct_tokenizer, rows, prompt=prompt, label_words=words)
+    assert result.scores.shape == (3, 3)
+    for row, scores in zip(rows, result.scores):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids(row, instruct_tokenizer, prompt)])).logits[0, -1]
+        torch.testing.assert_close(scores, torch.log_softmax(logits, -1)[first_tokens], atol=1e-4, rtol=1e-4)
+
+    # a label with no label word names the file, row and field; a prompt with an unknown field is refused
+    path.write_text(json.dumps({**rows[0], "label": 3}) + "\n")
+    with pytest.raises(DataFormatError, match=r"reviews.jsonl: row 1: field 'label' is 3; labels are 0, 1 or 2"):
+        tokenized(str(path), cfg, instruct_tokenizer, limit=0)
+    with pytest.raises(ConfigError, match=r"data.classification_prompt.*\['review'\]"):
+        load_config(None, overrides + ["data.classification_prompt=Review: {review}\nVerdict:"])
+    with pytest.raises(ValueError, match="only use"):
+        classify(model, instruct_tokenizer, rows, prompt="{text}", label_words=words)

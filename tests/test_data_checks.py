@@ -61,7 +61,8 @@ def test_json_array_and_parquet_load(tmp_path):
 
 
 def test_generated_datasets_are_valid_and_disjoint():
-    for name, fmt in [("alpaca", "alpaca"), ("chat", "chat"), ("pawsx", "classification")]:
+    for name, fmt in [("alpaca", "alpaca"), ("chat", "chat"), ("pawsx", "classification"),
+                      ("reviews", "classification")]:
         train = load_records(DATA_DIR / f"{name}_train.jsonl", fmt).to_list()
         evaluation = load_records(DATA_DIR / f"{name}_eval.jsonl", fmt).to_list()
         keys = {json.dumps(r, sort_keys=True) for r in train}
