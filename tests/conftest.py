@@ -91,3 +91,12 @@ def write_checkpoint(model, out_dir: Path, tokenizer_dir: Path, step: int = 1, o
     (ckpt / "train_params.yaml").write_text(yaml.safe_dump(params))
     (Path(out_dir) / "latest").write_text(ckpt.name)
     return ckpt
+
+
+def exit_code(main, argv: list[str]) -> int:
+    """The status a command's main(argv) ends with: its return value, or the code of the SystemExit that
+    recipes_core.errors.command raises on bad input (one `error:` line, exit 2)."""
+    try:
+        return main(argv) or 0
+    except SystemExit as stop:
+        return stop.code

@@ -491,7 +491,7 @@ def test_every_command_exits_2_with_one_error_line(tiny_models, good_checkpoint,
         "infer": (_python_m("recipes_core.infer", tiny_models["instruct"], "--prompts-file", prompts),
                   ["p.jsonl", "row 2", "invalid JSON"]),
         "doctor": (_python_m("recipes_core.doctor", "model", damaged), ["model/config.json", "not valid JSON"]),
-        "checkpoint": (_python_m("recipes_core.checkpoint", "size", missing), ["missing", "no complete checkpoint"]),
+        "checkpoint": (_python_m("recipes_core.checkpoint", "size", missing), ["missing", "is not a folder"]),
         "quickstart": (_python_m("recipes_core.quickstart", "--steps", 0, "--out", missing), ["--steps 0"]),
     }
     for command, (proc, needles) in cases.items():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import write_checkpoint
+from conftest import exit_code, write_checkpoint
 from transformers import AutoModelForCausalLM
 
 from recipes_core.convert import CheckpointError, convert, verify_conversion
@@ -214,7 +214,7 @@ def test_convert_never_replaces_its_source(two_step_run, source, out, overwrite,
     run = two_step_run
     before = _hashes(run)
     args = [str(run / source), str(run / out)] + (["--overwrite"] if overwrite else [])
-    assert convert_main(args) == 2
+    assert exit_code(convert_main, args) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and err.startswith("error: ") and "Traceback" not in err, err
     assert _hashes(run) == before, "the source changed"

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, exit_code
 
 STEPS, SAVE_EVERY, KILL_IN_SAVE, KILL_AT_STEP = 8, 2, 4, 7
 OVERRIDES = ["data.format=chat", "data.train_path=cookbook/data/chat_train.jsonl", "data.eval_path=",
@@ -302,7 +302,7 @@ def test_a_damaged_checkpoint_given_by_path_is_one_error(name, small_run, tmp_pa
     target = run / "step_1" if "train_params" in name else run
     before = {p: hashlib.sha256(p.read_bytes()).digest() for p in run.rglob("*") if p.is_file()}
     for command, args in ((convert, [str(target), str(tmp_path / "hf")]), (infer, [str(target), "--prompt", "hi"])):
-        assert command(args) == 2
+        assert exit_code(command, args) == 2
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
