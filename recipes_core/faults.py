@@ -17,6 +17,7 @@ same step. Used by tests/test_recovery.py and tests/test_multinode.py.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from pathlib import Path
@@ -42,8 +43,18 @@ def _kill_once(name: str, switch: str, step: int, rank: int, output_dir: str | P
 
 
 def at_step(step: int, rank: int, output_dir: str | Path) -> None:
-    """Called by the training loop after each optimizer step."""
+    """Kill here if RECIPES_FAULT_KILL_AT_STEP names this optimizer step (and FAULT_RANK this rank)."""
     _kill_once("kill_at_step", KILL_AT_STEP, step, rank, output_dir)
+
+
+def arm_kill_at_step(optimizer, first_step: int, rank: int, output_dir: str | Path) -> None:
+    """Set up by the recipe before its loop, so the loop carries no test hook: when RECIPES_FAULT_KILL_AT_STEP
+    is set, an optimizer step post-hook counts the steps from `first_step` (the resumed step) and calls
+    at_step after each. Unset, nothing is registered."""
+    if not os.environ.get(KILL_AT_STEP):
+        return
+    steps = itertools.count(first_step + 1)
+    optimizer.register_step_post_hook(lambda *_: at_step(next(steps), rank, output_dir))
 
 
 def in_save(step: int, rank: int, output_dir: str | Path) -> None:

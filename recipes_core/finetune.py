@@ -11,6 +11,10 @@ One optimizer step, in order:
      (a mean of per-batch means would weigh a token of a short answer more than one of a long answer);
   4. clip the gradient norm, AdamW step, learning-rate schedule step (warmup, then cosine or linear decay);
   5. log; every eval_every steps evaluate (loss, perplexity); every save_every steps checkpoint.
+
+train() reads top to bottom: preflight checks, then the setup functions (setup_inputs, setup_data,
+build_sharded_model, setup_optimizer, restore), then the loop, which calls train_step (steps 2-4; the
+benchmarks call the same function) and keeps its place in a TrainState (saved in every checkpoint).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, DistributedSampler
 
 from recipes_core import IGNORE_INDEX
@@ -37,12 +42,11 @@ from recipes_core import distributed as D
 from recipes_core import faults, preflight
 from recipes_core.collate import pack_examples, packed_collate, pad_collate
 from recipes_core.config import Config, dump, load_config, to_dict
-from recipes_core.data import load_records
 from recipes_core.errors import command
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
-from recipes_core.preprocess import data_options, today_for_templates, tokenize_records
+from recipes_core.preprocess import today_for_templates, tokenize_file
 from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
 
@@ -51,12 +55,7 @@ from recipes_core.tokens import load_tokenizer
 
 def tokenized(path: str, cfg: Config, tokenizer, limit: int) -> list[dict]:
     """One file, loaded, tokenized and (data.packing) packed as the run does, outside a run."""
-    records = load_records(path, cfg.data.format, num_labels=len(cfg.data.label_words))
-    if limit:
-        records = records.select(range(min(limit, len(records))))
-    examples = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len, cfg.data.train_on_inputs,
-                                **data_options(cfg.data))
-    return training_examples(examples, cfg, tokenizer)
+    return training_examples(tokenize_file(path, cfg.data, tokenizer, limit), cfg, tokenizer)
 
 
 def training_examples(examples: list[dict], cfg: Config, tokenizer) -> list[dict]:
@@ -85,6 +84,25 @@ def eval_batches(examples: list[dict], cfg: Config, env: D.DistEnv, collate) -> 
     size = cfg.train.micro_batch_size
     batches = [collate(mine[i:i + size]) for i in range(0, len(mine), size)]
     return batches[:cfg.train.max_eval_batches] if cfg.train.max_eval_batches else batches
+
+
+def setup_data(cfg: Config, env: D.DistEnv, tokenizer, examples: dict[str, list[dict]]):
+    """(train loader, its sampler, this rank's eval batches, total optimizer steps) from the examples
+    preflight.check_data tokenized and checked."""
+    collate = collate_fn(cfg, tokenizer.pad_token_id)
+    train_set = training_examples(examples["train"], cfg, tokenizer)
+    eval_set = training_examples(examples["eval"], cfg, tokenizer)
+    sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=cfg.data.shuffle,
+                                 seed=cfg.train.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=collate,
+                        drop_last=True)
+    evals = eval_batches(eval_set, cfg, env, collate) if eval_set else []
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = len(loader) // accum
+    preflight.agree([f"data.train_path={cfg.data.train_path}: {len(train_set)} training examples are fewer than one "
+                     f"global batch ({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks); add rows or "
+                     "lower train.micro_batch_size / train.grad_accum_steps"] if steps_per_epoch == 0 else [], env)
+    return loader, sampler, evals, cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
 
 
 # ----- loss --------------------------------------------------------------------------------------------
@@ -123,7 +141,77 @@ def evaluate(model, batches: list[dict], env: D.DistEnv) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": int(totals[1])}
 
 
-# ----- model, optimizer, schedule ----------------------------------------------------------------------
+# ----- one optimizer step ------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    loss: float              # mean loss per supervised token of the global batch (all ranks)
+    grad_norm: float         # total gradient norm, before clipping
+    lr: float                # the learning rate this step used
+    tokens: int              # tokens of the global batch, padding included
+    supervised_tokens: int   # tokens of the global batch the loss counts
+
+
+def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.DistEnv,
+               max_grad_norm: float = 0.0) -> StepResult:
+    """Steps 2-4 of the module docstring over this rank's micro-batches; every rank calls it together.
+
+    `model` is the FSDP2 model of build_sharded_model, or a plain module in a group of one (the
+    benchmarks profile both). `scheduler` may be None (constant lr); max_grad_norm 0 means no clipping."""
+    global_supervised = D.all_reduce_sum(sum(supervised_tokens(b) for b in micro_batches), env.device)
+    if global_supervised.item() == 0:
+        raise ValueError("no supervised token in the global batch of this step; check the masks")
+    # Summed on the device: a .cpu() per micro-batch would make the host wait for the GPU each time.
+    local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+    for i, batch in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):  # reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        loss_sum = token_loss_sum(model, batch, env.device)
+        # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
+        (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
+        local_loss += loss_sum.detach().double()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = torch.tensor(float(sum(b["input_ids"].numel() for b in micro_batches)), dtype=torch.float64,
+                          device=env.device)
+    totals = D.all_reduce_sum(torch.stack([local_loss, tokens]), env.device)
+    return StepResult(loss=float(totals[0] / global_supervised.double()), grad_norm=float(grad_norm), lr=lr,
+                      tokens=int(totals[1]), supervised_tokens=int(global_supervised))
+
+
+# ----- setup: inputs, model, optimizer, restore --------------------------------------------------------
+
+def resume_folder(cfg: Config, env: D.DistEnv) -> Path | None:
+    """The checkpoint this run resumes from (preflight.check_start refused a damaged one given by hand and
+    warned about what resume=auto passes over), or None."""
+    if not cfg.checkpoint.resume:
+        return None
+    out = Path(cfg.checkpoint.output_dir)
+    chosen = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    if chosen is None and env.is_main:
+        print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
+    return chosen
+
+
+def setup_inputs(cfg: Config, env: D.DistEnv, resume_dir: Path | None):
+    """(config with the run's chat date, model source, tokenizer, model config), checked by preflight.check_run.
+    Rank 0 materializes the model source once (builds tiny / converts GGUF), then every rank reads it."""
+    chat_date = D.broadcast_object(run_chat_date(cfg, resume_dir) if env.is_main else None)
+    cfg = replace(cfg, data=replace(cfg.data, chat_date=chat_date))  # a copy: the caller's config is left as is
+    source = resolve_model_source(cfg.model.source, cfg.model.path, cfg.model.tiny_variant) if env.is_main else None
+    source = D.broadcast_object(source)
+    tokenizer_dir = cfg.model.tokenizer or source["hf_dir"]
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
+    model_config = load_model_config(source["hf_dir"], cfg.model.trust_remote_code)
+    preflight.check_run(cfg, env, tokenizer, tokenizer_dir, model_config)  # pad, chat template, shapes, free disk
+    return cfg, source, tokenizer, model_config
+
 
 def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: dict):
     """Meta-device model on every rank, sharded, then filled from rank 0's full copy."""
@@ -178,8 +266,123 @@ def run_chat_date(cfg: Config, resume_dir: Path | None) -> str:
     return saved or today_for_templates()
 
 
-def count_saved_params(model, lora: bool) -> int:
-    return sum(t.numel() for t in ckpt.model_state(model, lora).values())
+def setup_optimizer(cfg: Config, params: list[torch.nn.Parameter], total_steps: int):
+    """(AdamW, its lr schedule) over the trainable parameters."""
+    # fused=True: one kernel for all parameters instead of a Python loop over them. On CPU the default
+    # (for-each) AdamW took a third of a SmolLM2 step (benchmarks/RESULTS.md); fused is 10x faster there.
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_lambda, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.lr_schedule,
+        min_ratio=cfg.train.min_lr_ratio))
+    return optimizer, scheduler
+
+
+@dataclass
+class TrainState:
+    """Where the run is. Saved as the "trainer" entry of every full checkpoint, restored on resume."""
+    step: int = 0            # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already trained on (this rank's)
+    tokens_seen: int = 0
+    supervised_tokens_seen: int = 0
+
+
+def restore(resume_dir: Path, model, optimizer, scheduler, cfg: Config, env: D.DistEnv) -> TrainState:
+    """Load the checkpoint into model, optimizer, scheduler (and RNG); the state to carry on from."""
+    restored = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, asdict(TrainState()), lora=cfg.lora.enabled)
+    if restored is None:
+        message = (f"{resume_dir} is a model-only checkpoint (save_optimizer=false): the weights are "
+                   "restored but the optimizer starts cold (no AdamW moments) at step 0 of a new schedule")
+        warnings.warn(message)
+        if env.is_main:
+            print(f"WARNING: {message}", file=sys.stderr)
+        return TrainState()
+    state = TrainState(**{k: int(v) for k, v in restored.items()})
+    saved_world = ckpt.load_train_params(resume_dir).get("world_size")
+    if env.is_main:
+        print(f"resumed from {resume_dir} at step {state.step}")
+        if saved_world != env.world_size:  # DCP reshards the tensors; the data split differs
+            print(f"WARNING: saved with {saved_world} ranks, resumed with {env.world_size}: weights and "
+                  "optimizer are resharded exactly, but the remaining data order differs", file=sys.stderr)
+    return state
+
+
+def run_params(cfg: Config, env: D.DistEnv, source: dict, model_config: dict, model) -> dict:
+    """train_params.yaml of every checkpoint: what convert and infer need to rebuild the model."""
+    tokenizer_dir = cfg.model.tokenizer or source["hf_dir"]
+    return {"config": to_dict(cfg), "model_source": source, "model_config": model_config,
+            "tokenizer": str(Path(tokenizer_dir).resolve()) if Path(tokenizer_dir).exists() else tokenizer_dir,
+            "step": 0, "save_optimizer": cfg.checkpoint.save_optimizer, "lora": lora_fields(cfg.lora),
+            "world_size": env.world_size, "param_dtype": "fp32",
+            "param_counts": {"total": sum(p.numel() for p in model.parameters()),
+                             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                             "saved": sum(t.numel() for t in ckpt.model_state(model, cfg.lora.enabled).values())}}
+
+
+def save(cfg: Config, state: TrainState, model, optimizer, scheduler, train_params: dict) -> int:
+    """Checkpoint step_<state.step>; returns the step saved."""
+    train_params["step"] = state.step
+    ckpt.save_checkpoint(cfg.checkpoint.output_dir, state.step, model, optimizer, scheduler, asdict(state),
+                         train_params, cfg.checkpoint.save_optimizer, cfg.checkpoint.keep_last_n, cfg.lora.enabled)
+    return state.step
+
+
+# ----- what the run reports ----------------------------------------------------------------------------
+
+def peak_memory_per_rank(env: D.DistEnv) -> list[int]:
+    """Every rank's peak memory (metrics.peak_memory_bytes): one all_gather of one int64 per rank."""
+    mine = torch.tensor([peak_memory_bytes(env.device)], dtype=torch.int64, device=env.device)
+    gathered = [torch.zeros_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(gathered, mine)
+    return [int(t) for t in gathered]
+
+
+class RunLog:
+    """metrics.jsonl (and TensorBoard) on rank 0, the progress bar, and what a step's record adds to
+    StepResult: throughput, MFU against peak_flops, each rank's peak memory."""
+
+    def __init__(self, cfg: Config, env: D.DistEnv, model_config: dict, counts: dict, precision: str,
+                 total_steps: int, state: TrainState, append: bool):
+        self.cfg, self.env, self.model_config, self.counts = cfg, env, model_config, counts
+        self.peak, self.peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
+        self.logger = MetricsLogger(Path(cfg.checkpoint.output_dir) / "metrics.jsonl", env.is_main,
+                                    cfg.log.tensorboard, append=append)
+        self.progress = None
+        if env.is_main and cfg.log.progress_bar:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+
+    def start(self, step: int, mesh: dict, precision: str, total_steps: int, setup_s: float) -> None:
+        self.logger.log({"kind": "start", "step": step, "world_size": self.env.world_size, "mesh": mesh,
+                         "n_params": self.counts["total"], "n_trainable": self.counts["trainable"],
+                         "precision": precision, "peak_flops_per_rank": self.peak, "peak_flops_source": self.peak_source,
+                         "total_steps": total_steps, "setup_s": setup_s})
+
+    def step(self, state: TrainState, result: StepResult, seconds: float, seq_len: int, last: bool) -> None:
+        if state.step % self.cfg.log.log_every == 0 or last:
+            flops = flops_per_token(self.model_config, self.counts["total"], self.counts["trainable"], seq_len)
+            self.logger.log({"kind": "train", "step": state.step, "epoch": state.epoch, "loss": result.loss,
+                             "lr": result.lr, "grad_norm": result.grad_norm, "tokens": result.tokens,
+                             "supervised_tokens": result.supervised_tokens, "tokens_per_s": result.tokens / seconds,
+                             "supervised_tokens_per_s": result.supervised_tokens / seconds,
+                             "mfu": flops * result.tokens / seconds / (self.peak * self.env.world_size),
+                             "step_time_s": seconds, "peak_memory_bytes_per_rank": peak_memory_per_rank(self.env)})
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+
+    def eval(self, step: int, model, batches: list[dict]) -> dict:
+        record = {"step": step, **evaluate(model, batches, self.env)}
+        self.logger.log({"kind": "eval", **record})
+        return record
+
+    def close(self, summary: dict) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.log(summary)
+        self.logger.close()
 
 
 # ----- the run -----------------------------------------------------------------------------------------
@@ -190,179 +393,60 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         D.enable_determinism()
     D.seed_everything(cfg.train.seed, env.rank)
     preflight.check_start(cfg, env)  # config, mesh, inputs, output folder, resume checkpoint: before any step
-    out = Path(cfg.checkpoint.output_dir)
-
-    resume_dir = None
-    if cfg.checkpoint.resume:
-        # preflight refused a damaged path given by hand; for auto it warned about what it passes over
-        resume_dir = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-        if resume_dir is None and env.is_main:
-            print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
-    chat_date = D.broadcast_object(run_chat_date(cfg, resume_dir) if env.is_main else None)
-    cfg = replace(cfg, data=replace(cfg.data, chat_date=chat_date))  # a copy: the caller's config is left as is
-
-    # Materialize the model source once (build tiny / convert GGUF), then every rank reads it.
-    source = resolve_model_source(cfg.model.source, cfg.model.path, cfg.model.tiny_variant) if env.is_main else None
-    source = D.broadcast_object(source)
-    hf_dir = source["hf_dir"]
-    tokenizer_dir = cfg.model.tokenizer or hf_dir
-    tokenizer = load_tokenizer(tokenizer_dir, cfg.model.trust_remote_code)
-    preflight.check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir)  # pad, chat template, shapes, free disk
-    model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)
+    resume_dir = resume_folder(cfg, env)
+    cfg, source, tokenizer, model_config = setup_inputs(cfg, env, resume_dir)
     # Every row, before the model is built: bad rows, nothing supervised, token ids past the embedding.
     examples = preflight.check_data(cfg, env, tokenizer, model_config["vocab_size"])
-
-    collate = collate_fn(cfg, tokenizer.pad_token_id)
-    train_set = training_examples(examples["train"], cfg, tokenizer)
-    eval_set = training_examples(examples["eval"], cfg, tokenizer)
-    sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=cfg.data.shuffle,
-                                 seed=cfg.train.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=collate,
-                        drop_last=True)
-    evals = eval_batches(eval_set, cfg, env, collate) if eval_set else []
-    accum = cfg.train.grad_accum_steps
-    steps_per_epoch = len(loader) // accum
-    preflight.agree([f"data.train_path={cfg.data.train_path}: {len(train_set)} training examples are fewer than one "
-                     f"global batch ({cfg.train.micro_batch_size} x {accum} x {env.world_size} ranks); add rows or "
-                     "lower train.micro_batch_size / train.grad_accum_steps"] if steps_per_epoch == 0 else [], env)
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    loader, sampler, evals, total_steps = setup_data(cfg, env, tokenizer, examples)
+    out = Path(cfg.checkpoint.output_dir)
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails preflight leaves nothing behind
     if env.is_main:
         print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
         (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
 
-    model, precision, mesh_shape = build_sharded_model(cfg, env, hf_dir, model_config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # fused=True: one kernel for all parameters instead of a Python loop over them. On CPU the default
-    # (for-each) AdamW took a third of a SmolLM2 step (benchmarks/RESULTS.md); fused is 10x faster there.
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_lambda, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.lr_schedule,
-        min_ratio=cfg.train.min_lr_ratio))
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in trainable)
-    n_saved = count_saved_params(model, cfg.lora.enabled)
-    train_params = {"config": to_dict(cfg), "model_source": source, "model_config": model_config,
-                    "tokenizer": str(Path(tokenizer_dir).resolve()) if Path(tokenizer_dir).exists() else tokenizer_dir,
-                    "step": 0, "save_optimizer": cfg.checkpoint.save_optimizer, "lora": lora_fields(cfg.lora),
-                    "world_size": env.world_size, "param_dtype": "fp32",
-                    "param_counts": {"total": n_params, "trainable": n_trainable, "saved": n_saved}}
-
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens_seen": 0, "supervised_tokens_seen": 0}
-    if resume_dir is not None:
-        restored = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, state, lora=cfg.lora.enabled)
-        if restored is None:
-            message = (f"{resume_dir} is a model-only checkpoint (save_optimizer=false): the weights are "
-                       "restored but the optimizer starts cold (no AdamW moments) at step 0 of a new schedule")
-            warnings.warn(message)
-            if env.is_main:
-                print(f"WARNING: {message}", file=sys.stderr)
-        else:
-            state.update({k: int(v) for k, v in restored.items()})
-            saved_world = ckpt.load_train_params(resume_dir).get("world_size")
-            if env.is_main:
-                print(f"resumed from {resume_dir} at step {state['step']}")
-                if saved_world != env.world_size:  # DCP reshards the tensors; the data split differs
-                    print(f"WARNING: saved with {saved_world} ranks, resumed with {env.world_size}: weights and "
-                          "optimizer are resharded exactly, but the remaining data order differs", file=sys.stderr)
-
-    peak, peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
-    logger = MetricsLogger(out / "metrics.jsonl", env.is_main, cfg.log.tensorboard, append=resume_dir is not None)
-    logger.log({"kind": "start", "step": state["step"], "world_size": env.world_size, "mesh": mesh_shape,
-                "n_params": n_params,
-                "n_trainable": n_trainable, "precision": precision, "peak_flops_per_rank": peak,
-                "peak_flops_source": peak_source, "total_steps": total_steps,
-                "setup_s": time.perf_counter() - started})
-    progress = None
+    model, precision, mesh_shape = build_sharded_model(cfg, env, source["hf_dir"], model_config)
+    optimizer, scheduler = setup_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], total_steps)
+    state = restore(resume_dir, model, optimizer, scheduler, cfg, env) if resume_dir else TrainState()
+    faults.arm_kill_at_step(optimizer, state.step, env.rank, out)  # tests only; off unless its variable is set
+    train_params = run_params(cfg, env, source, model_config, model)
+    log = RunLog(cfg, env, model_config, train_params["param_counts"], precision, total_steps, state,
+                 append=resume_dir is not None)
+    log.start(step=state.step, mesh=mesh_shape, precision=precision, total_steps=total_steps,
+              setup_s=time.perf_counter() - started)
     profiler = StepProfiler(cfg.log.profile_steps, out, env.rank, env.device)  # log.profile_steps > 0 only
-    if env.is_main and cfg.log.progress_bar:
-        from tqdm import tqdm
-        progress = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
 
-    def save():
-        train_params["step"] = state["step"]
-        path = ckpt.save_checkpoint(out, state["step"], model, optimizer, scheduler, state, train_params,
-                                    cfg.checkpoint.save_optimizer, cfg.checkpoint.keep_last_n, cfg.lora.enabled)
-        last_saved[0] = state["step"]
-        return path
-
-    last_saved, last_eval, losses, eval_results = [-1], [-1], [], []
-    stop_at = min(total_steps, cfg.train.stop_after_steps or total_steps)
-    batches = None
-    while state["step"] < stop_at:
+    accum, stop_at = cfg.train.grad_accum_steps, min(total_steps, cfg.train.stop_after_steps or total_steps)
+    losses, eval_results, saved_at, batches = [], [], -1, None
+    while state.step < stop_at:
         if batches is None:  # a new epoch (or the resumed one): same order on every run for this epoch
-            sampler.set_epoch(state["epoch"])
-            batches = islice(iter(loader), state["batch_in_epoch"], None)
+            sampler.set_epoch(state.epoch)
+            batches = islice(iter(loader), state.batch_in_epoch, None)
         micro_batches = list(islice(batches, accum))
         if len(micro_batches) < accum:  # epoch exhausted
-            state["epoch"] += 1
-            state["batch_in_epoch"], batches = 0, None
+            state.epoch, state.batch_in_epoch, batches = state.epoch + 1, 0, None
             continue
         start = time.perf_counter()
-        global_supervised = D.all_reduce_sum(sum(supervised_tokens(b) for b in micro_batches), env.device)
-        if global_supervised.item() == 0:
-            raise ValueError(f"step {state['step'] + 1}: no supervised token in the global batch; check the masks")
-        # Summed on the device: a .cpu() per micro-batch would make the host wait for the GPU each time.
-        local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
-        for i, batch in enumerate(micro_batches):
-            model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last one
-            loss_sum = token_loss_sum(model, batch, env.device)
-            # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
-            (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
-            local_loss += loss_sum.detach().double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
+        result = train_step(model, micro_batches, optimizer, scheduler, env, cfg.train.max_grad_norm)
+        seconds = time.perf_counter() - start
+        state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + accum
+        state.tokens_seen += result.tokens
+        state.supervised_tokens_seen += result.supervised_tokens
+        losses.append(result.loss)
         profiler.step()
-        faults.at_step(state["step"], env.rank, out)  # test-only: RECIPES_FAULT_KILL_AT_STEP
-        state["batch_in_epoch"] += accum
+        log.step(state, result, seconds, micro_batches[0]["input_ids"].shape[1], last=state.step == stop_at)
+        if evals and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+            eval_results.append(log.eval(state.step, model, evals))
+        if cfg.checkpoint.save_every and state.step % cfg.checkpoint.save_every == 0:
+            saved_at = save(cfg, state, model, optimizer, scheduler, train_params)
 
-        tokens = sum(b["input_ids"].numel() for b in micro_batches)
-        totals = D.all_reduce_sum(torch.stack([local_loss, torch.tensor(float(tokens), dtype=torch.float64,
-                                                                        device=env.device)]), env.device)
-        elapsed = time.perf_counter() - start
-        loss = float(totals[0] / global_supervised.double())
-        all_tokens, supervised = int(totals[1]), int(global_supervised)
-        state["tokens_seen"] += all_tokens
-        state["supervised_tokens_seen"] += supervised
-        losses.append(loss)
-        if state["step"] % cfg.log.log_every == 0 or state["step"] == stop_at:
-            seq_len = micro_batches[0]["input_ids"].shape[1]
-            achieved = flops_per_token(model_config, n_params, n_trainable, seq_len) * all_tokens / elapsed
-            memory = [None] * env.world_size
-            dist.all_gather_object(memory, peak_memory_bytes(env.device))
-            logger.log({"kind": "train", "step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr,
-                        "grad_norm": float(grad_norm), "tokens": all_tokens, "supervised_tokens": supervised,
-                        "tokens_per_s": all_tokens / elapsed, "supervised_tokens_per_s": supervised / elapsed,
-                        "mfu": achieved / (peak * env.world_size), "step_time_s": elapsed,
-                        "peak_memory_bytes_per_rank": memory})
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if evals and cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
-            eval_results.append({"step": state["step"], **evaluate(model, evals, env)})
-            last_eval[0] = state["step"]
-            logger.log({"kind": "eval", **eval_results[-1]})
-        if cfg.checkpoint.save_every and state["step"] % cfg.checkpoint.save_every == 0:
-            save()
-
-    if evals and last_eval[0] != state["step"]:
-        eval_results.append({"step": state["step"], **evaluate(model, evals, env)})
-        logger.log({"kind": "eval", **eval_results[-1]})
-    if (cfg.checkpoint.save_final or stop_at < total_steps) and last_saved[0] != state["step"]:
-        save()
+    if evals and (not eval_results or eval_results[-1]["step"] != state.step):
+        eval_results.append(log.eval(state.step, model, evals))
+    if (cfg.checkpoint.save_final or stop_at < total_steps) and saved_at != state.step:
+        save(cfg, state, model, optimizer, scheduler, train_params)
     profiler.close()
-    if progress is not None:
-        progress.close()
-    summary = {"kind": "summary", "step": state["step"], "losses": losses, "evals": eval_results,
-               "n_params": n_params, "n_trainable": n_trainable}
-    logger.log(summary)
-    logger.close()
+    summary = {"kind": "summary", "step": state.step, "losses": losses, "evals": eval_results,
+               "n_params": train_params["param_counts"]["total"], "n_trainable": train_params["param_counts"]["trainable"]}
+    log.close(summary)
     return summary
 
 

@@ -8,7 +8,7 @@ Two calls from recipes_core.finetune.train:
                           writable (stale `.tmp_step_*` folders of a crashed save are removed), and the
                           checkpoint to resume from: safe to unpickle (restricted unpickler), complete, its
                           per-rank RNG file loadable with weights_only=True
-  check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir)
+  check_run(cfg, env, tokenizer, tokenizer_dir, model_config)
                           once the tokenizer and the model config are known: a pad token, a chat template
                           for chat data, the resume checkpoint's shapes against the model config, and free
                           disk for the predicted checkpoint size (checkpoint.predict_sizes)
@@ -286,14 +286,11 @@ def shape_errors(cfg, model_config: dict) -> list[str]:
     return []
 
 
-def check_run(cfg, env, tokenizer, tokenizer_dir, hf_dir) -> None:
-    """Checks once the tokenizer is loaded and the model folder exists (every rank calls this)."""
-    from recipes_core.models import load_model_config
-
+def check_run(cfg, env, tokenizer, tokenizer_dir, model_config: dict) -> None:
+    """Checks once the tokenizer and the model config are loaded (every rank calls this)."""
     errors = tokenizer_errors(tokenizer, tokenizer_dir, cfg.data.format)
     warnings = []
     if not errors:
-        model_config = load_model_config(hf_dir, cfg.model.trust_remote_code)
         errors += shape_errors(cfg, model_config)
         if not errors:
             errors, warnings = disk_errors(cfg, model_config)
@@ -310,8 +307,7 @@ def check_data(cfg, env, tokenizer, embedding_rows: int) -> dict[str, list[dict]
     what makes them untrainable: a bad row (file, row and field named), no supervised token left after
     truncation, a token id past the model's embedding. Returns {"train": examples, "eval": examples}."""
     from recipes_core.checks import untrainable_errors
-    from recipes_core.data import load_records
-    from recipes_core.preprocess import data_options, tokenize_records
+    from recipes_core.preprocess import tokenize_file
 
     errors, examples = [], {"train": [], "eval": []}
     for split, limit in (("train", cfg.data.max_train_examples), ("eval", cfg.data.max_eval_examples)):
@@ -319,11 +315,7 @@ def check_data(cfg, env, tokenizer, embedding_rows: int) -> dict[str, list[dict]
         if not path or errors:
             continue
         try:
-            records = load_records(path, cfg.data.format, num_labels=len(cfg.data.label_words))
-            if limit:
-                records = records.select(range(min(limit, len(records))))
-            examples[split] = tokenize_records(records, cfg.data.format, tokenizer, cfg.data.max_seq_len,
-                                               cfg.data.train_on_inputs, **data_options(cfg.data))
+            examples[split] = tokenize_file(path, cfg.data, tokenizer, limit)
         except UserError as err:
             errors.append(str(err))
             continue

@@ -203,6 +203,18 @@ def tokenize_records(records, fmt: str, tokenizer: PreTrainedTokenizerBase, max_
             for record in records]
 
 
+def tokenize_file(path: str, data_cfg, tokenizer: PreTrainedTokenizerBase, limit: int = 0) -> list[dict[str, Any]]:
+    """One data file as a run reads it: loaded and validated (data.load_records), its first `limit` rows
+    (0: all), tokenized with the run's data config. Preflight checks what this returns; training packs it."""
+    from recipes_core.data import load_records
+
+    records = load_records(path, data_cfg.format, num_labels=len(data_cfg.label_words))
+    if limit:
+        records = records.select(range(min(limit, len(records))))
+    return tokenize_records(records, data_cfg.format, tokenizer, data_cfg.max_seq_len, data_cfg.train_on_inputs,
+                            **data_options(data_cfg))
+
+
 def explain_labels(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> str:
     """One line per token: id, text, and whether it is supervised (its label) or masked (-100)."""
     lines = []
