@@ -13,6 +13,7 @@ step time and the tokens of the whole global batch, then a summary line with eac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import max_rss_bytes, rss_bytes  # noqa: E402
+from benchmarks.common import matmul_share, max_rss_bytes, rss_bytes  # noqa: E402
 from recipes_core.config import load_config  # noqa: E402
 from recipes_core.finetune import collate_fn, supervised_tokens, tokenized  # noqa: E402
 from recipes_core.tokens import load_tokenizer  # noqa: E402
@@ -139,85 +140,71 @@ def run_plain(args, rss_after_imports):
 
 def run_profile(args) -> None:
     """One optimizer step (accum micro-batches, clip, fused AdamW), profiled on rank 0 after --steps - 1
-    warm-up steps, with the recipe's FSDP2 model and loss (profile-fsdp: build_sharded_model,
-    token_loss_sum, set_requires_gradient_sync, the step's token-count all-reduce) or with the
-    Trainer's wrapping (profile-ddp: DistributedDataParallel over gloo, model(**batch).loss). Writes a
-    JSON summary (wall time and its split: matmuls, collectives, optimizer, other) and the op table."""
+    warm-up steps: the recipe's own model, optimizer and step (profile-fsdp: build_sharded_model,
+    setup_optimizer, train_step; profile-fsdp-noreshard: the same with fsdp.reshard_after_forward=false)
+    or the Trainer's wrapping (profile-ddp: DistributedDataParallel over gloo, model(**batch).loss).
+    Writes a JSON summary (wall time and its split: matmuls, collectives, optimizer, other) and the op table."""
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
     from recipes_core import distributed as D
-    from recipes_core.finetune import build_sharded_model, token_loss_sum
+    from recipes_core.finetune import build_sharded_model, setup_optimizer, train_step
     from recipes_core.models import load_model_config
 
-    env = D.setup("gloo")
-    examples, collate = data(args)
-    batches = [collate(examples[(env.rank * args.accum + i) * args.micro:(env.rank * args.accum + i + 1) * args.micro])
-               for i in range(args.accum)]
-    if args.route == "profile-fsdp":  # exactly the recipe's model
-        cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={args.model_dir}"])
-        model = build_sharded_model(cfg, env, args.model_dir, load_model_config(args.model_dir))[0]
-    elif args.route == "profile-fsdp-noreshard":  # the same, every layer kept gathered from forward to backward
-        from recipes_core.models import build_model_from_config, load_full_model
-
-        model = build_model_from_config(load_model_config(args.model_dir), device="meta")
-        full = load_full_model(args.model_dir).state_dict() if env.is_main else None
-        mesh = D.build_mesh(env, "full")
-        D.shard_model(model, mesh, D.mixed_precision_policy("fp32", env.device)[0], reshard_after_forward=False)
-        D.load_full_weights_from_rank0(model, full, env.device)
-        del full
-        model.train()
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = torch.nn.parallel.DistributedDataParallel(
-            AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).train(), find_unused_parameters=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-
-    def step():
-        if args.route.startswith("profile-fsdp"):
-            total = D.all_reduce_sum(sum(supervised_tokens(b) for b in batches), env.device)
-            for i, batch in enumerate(batches):
-                model.set_requires_gradient_sync(i == args.accum - 1)
-                (token_loss_sum(model, batch, env.device) * env.world_size / total).backward()
+    with D.process_group("gloo") as env:
+        examples, collate = data(args)
+        batches = [collate(examples[(env.rank * args.accum + i) * args.micro:(env.rank * args.accum + i + 1) * args.micro])
+                   for i in range(args.accum)]
+        if args.route.startswith("profile-fsdp"):  # exactly the recipe's model, optimizer and step
+            reshard = str(args.route == "profile-fsdp").lower()
+            cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={args.model_dir}",
+                              f"train.lr={args.lr}", f"fsdp.reshard_after_forward={reshard}"])
+            model = build_sharded_model(cfg, env, args.model_dir, load_model_config(args.model_dir))[0]
+            optimizer, scheduler = setup_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], args.steps)
+            step = lambda: train_step(model, batches, optimizer, scheduler, env, max_grad_norm=1.0)
         else:
-            for i, batch in enumerate(batches):
-                if i < args.accum - 1:
-                    with model.no_sync():
-                        (model(**batch, use_cache=False).loss / args.accum).backward()
-                else:
-                    (model(**batch, use_cache=False).loss / args.accum).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            from transformers import AutoModelForCausalLM
 
-    for _ in range(max(1, args.steps - 1)):
-        step()
-    dist.barrier()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        step()
-        wall = time.perf_counter() - start
-    dist.barrier()
-    if env.rank == 0:
-        events = prof.key_averages()
-        self_us = {e.key: e.self_cpu_time_total for e in events}
-        total_self = sum(self_us.values()) or 1
-        is_mm = lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-                                "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_flash_attention_backward")
-        is_comm = lambda k: any(w in k.lower() for w in ("all_gather", "allgather", "reduce_scatter", "allreduce", "all_reduce",
-                                                           "broadcast", "c10d", "gloo", "record_param_comms", "wait"))
-        optim = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#"))
-        share = {"matmul + attention kernels": sum(v for k, v in self_us.items() if is_mm(k)) / total_self,
-                 "collectives (incl. waits)": sum(v for k, v in self_us.items() if is_comm(k)) / total_self}
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-        summary = {"wall_s": wall, "optimizer_s": optim / 1e6, "shares": share,
-                   "collective_calls": sum(e.count for e in events if is_comm(e.key) and not e.key.startswith("c10d::wait")),
-                   "top": [{"op": e.key, "share": e.self_cpu_time_total / total_self, "calls": e.count} for e in top],
-                   "table": events.table(sort_by="self_cpu_time_total", row_limit=25)}
-        Path(args.out).write_text(json.dumps(summary))
-    D.teardown(env)
+            model = torch.nn.parallel.DistributedDataParallel(
+                AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).train(), find_unused_parameters=True)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+            step = lambda: ddp_step(model, batches, optimizer)
+
+        for _ in range(max(1, args.steps - 1)):
+            step()
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            step()
+            wall = time.perf_counter() - start
+        dist.barrier()
+        if env.rank == 0:
+            Path(args.out).write_text(json.dumps({"wall_s": wall, **profile_summary(prof.key_averages())}))
+
+
+def ddp_step(model, batches, optimizer) -> None:
+    """The Trainer's step under DDP: mean loss per micro-batch, gradients all-reduced on the last one."""
+    for i, batch in enumerate(batches):
+        with model.no_sync() if i < len(batches) - 1 else contextlib.nullcontext():
+            (model(**batch, use_cache=False).loss / len(batches)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def profile_summary(events) -> dict:
+    """Shares of rank 0's self CPU time: matmul + attention kernels, collectives; top ops; the table."""
+    self_us = {e.key: e.self_cpu_time_total for e in events}
+    total_self = sum(self_us.values()) or 1
+    is_comm = lambda k: any(w in k.lower() for w in ("all_gather", "allgather", "reduce_scatter", "allreduce", "all_reduce",
+                                                       "broadcast", "c10d", "gloo", "record_param_comms", "wait"))
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+    return {"optimizer_s": sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")) / 1e6,
+            "shares": {"matmul + attention kernels": matmul_share(events),
+                       "collectives (incl. waits)": sum(v for k, v in self_us.items() if is_comm(k)) / total_self},
+            "collective_calls": sum(e.count for e in events if is_comm(e.key) and not e.key.startswith("c10d::wait")),
+            "top": [{"op": e.key, "share": e.self_cpu_time_total / total_self, "calls": e.count} for e in top],
+            "table": events.table(sort_by="self_cpu_time_total", row_limit=25)}
 
 
 def main(argv=None):

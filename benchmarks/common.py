@@ -55,12 +55,13 @@ def run_cmd(cmd: list[str], threads: int, timeout: float = 600, env_extra: dict 
     return out
 
 
-def torchrun(nproc: int, module: str, args: list[str], malloc_env: bool = True) -> list[str]:
-    """The recipe's own launch command (recipes_core.launch.launch_command, which sets the glibc
-    malloc threshold for its ranks); malloc_env=False drops that `env VAR=value` prefix (glibc defaults)."""
+def torchrun(nproc: int, module: str | None, args: list[str], malloc_env: bool = True, script: Path | None = None) -> list[str]:
+    """The recipe's own launch command for a module or a script (recipes_core.launch.launch_command, which
+    sets the glibc malloc threshold for its ranks); malloc_env=False drops that `env VAR=value` prefix
+    (glibc defaults, as the peers' own launchers leave it)."""
     from recipes_core.launch import launch_command
 
-    cmd = launch_command(nproc, module, [str(a) for a in args])
+    cmd = launch_command(nproc, module, [str(a) for a in args], script=script)
     if not malloc_env and cmd[0] == "env":
         cmd = cmd[cmd.index(sys.executable):]
     return cmd
@@ -123,6 +124,20 @@ class RssSampler:
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
         return self.peak
+
+
+# ----- profiles ------------------------------------------------------------------------------------------
+
+# The ops that do a step's matmul FLOPs (linear layers, attention scores) on CPU: the share of a profiled
+# step spent outside them is the overhead a faster loop could remove.
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_flash_attention_backward"}
+
+
+def matmul_share(events) -> float:
+    """Share of the self CPU time of a torch.profiler key_averages() spent in MATMUL_OPS."""
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
 
 
 # ----- throughput ----------------------------------------------------------------------------------------
@@ -260,7 +275,7 @@ RESULTS_HEADER = """# Benchmarks
 
 Each benchmark compares our recipe with what a user would pick instead, **in one run, on the same
 machine, at the same settings**, and states the result as a ratio. Absolute numbers on this shared
-2-core machine move with whatever else runs (other engineers' test suites ran during these runs; the
+2-core machine move with whatever else runs (other jobs' test suites ran during these runs; the
 load average is given per benchmark), so read the ratios, not the absolute tokens/s.
 
 Thread budget: the machine has 2 cores. A 2-rank run gives each rank `OMP_NUM_THREADS=1`. Single-process

@@ -100,8 +100,9 @@ def phase(name: str, work: Path) -> dict:
 
 
 def run_phase(name: str, work: Path) -> dict:
-    out = C.run_cmd([sys.executable, str(Path(__file__).resolve()), "--phase", name, "--work", str(work)], threads=2)
-    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+    """One route in a fresh process, which writes its measurement to work/<name>.json."""
+    C.run_cmd([sys.executable, str(Path(__file__).resolve()), "--phase", name, "--work", str(work)], threads=2)
+    return json.loads((work / f"{name}.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase:
-        print(json.dumps(phase(args.phase, Path(args.work))), flush=True)
+        (Path(args.work) / f"{args.phase}.json").write_text(json.dumps(phase(args.phase, Path(args.work))))
         return {}
 
     shape = dict(SHAPES["smoke" if args.smoke else "full"])

@@ -4,8 +4,8 @@
 
 Each rank (this file under torchrun, 1 thread per rank) builds the model exactly as the recipe does
 (`recipes_core.finetune.build_sharded_model`: meta device, fully_shard per decoder layer, rank 0's full
-weights broadcast into the shards), then runs AdamW training steps with the recipe's loss
-(`token_loss_sum`) on a fixed batch.
+weights broadcast into the shards), then runs the recipe's training step (`train_step`: its loss,
+clipping, fused AdamW from `setup_optimizer`) on a fixed batch.
 
 Method (CPU has no allocator statistics in torch 2.13, and ru_maxrss cannot be reset):
   baseline  = RSS right after imports and process-group start, before the model exists;
@@ -70,58 +70,54 @@ def saved_activation_bytes(model, batch, device) -> int:
 
 def worker(model_name: str, seq: int, micro: int, steps: int) -> dict:
     import torch
+    import torch.distributed as dist
 
     from recipes_core import distributed as D
     from recipes_core.config import load_config
-    from recipes_core.finetune import build_sharded_model, token_loss_sum
+    from recipes_core.finetune import build_sharded_model, setup_optimizer, train_step
     from recipes_core.models import load_model_config
 
-    env = D.setup("gloo")
-    try:
+    with D.process_group("gloo") as env:
         gc.collect()
         baseline = C.rss_bytes()
-        hf_dir = str(C.model_dir(model_name)) if env.is_main else None
-        hf_dir = D.broadcast_object(hf_dir)
-        cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={hf_dir}"])
+        hf_dir = D.broadcast_object(str(C.model_dir(model_name)) if env.is_main else None)
+        cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={hf_dir}", "train.lr=1e-5"])
         model_config = load_model_config(hf_dir)
-        model = build_sharded_model(cfg, env, hf_dir, model_config)[0]  # (model, precision, ...): API still moving
+        model = build_sharded_model(cfg, env, hf_dir, model_config)[0]
         gc.collect()
         after_load = C.rss_bytes()
-        # The recipe's optimizer (recipes_core.finetune.train): AdamW with fused=True.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+        optimizer, scheduler = setup_optimizer(cfg, list(model.parameters()), steps)  # the recipe's fused AdamW
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model_config["vocab_size"], (micro, seq), generator=g)
         batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
         n_params = sum(p.numel() for p in model.parameters())  # global numel of the DTensor parameters
         sampler = C.RssSampler()
-        times, peak_fwd_bwd, peak_optim = [], 0, 0
+        peaks = {"fwd_bwd": 0, "optim": 0}
+
+        def forward_backward_done(*_):  # an optimizer pre-hook: the step's forward and backward are over
+            peaks["fwd_bwd"] = max(peaks["fwd_bwd"], sampler.peak, C.rss_bytes())
+            sampler.reset()
+
+        optimizer.register_step_pre_hook(forward_backward_done)
+        times = []
         for _ in range(steps):
             start = time.perf_counter()
             sampler.reset()
-            token_loss_sum(model, batch, env.device).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            peak_fwd_bwd = max(peak_fwd_bwd, sampler.peak, C.rss_bytes())
-            sampler.reset()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            peak_optim = max(peak_optim, sampler.peak, C.rss_bytes())
+            train_step(model, [batch], optimizer, scheduler, env, max_grad_norm=1.0)
+            peaks["optim"] = max(peaks["optim"], sampler.peak, C.rss_bytes())
             times.append(time.perf_counter() - start)
         sampler.stop()
-        peak = max(peak_fwd_bwd, peak_optim)
         activations, _ = saved_activation_bytes(model, batch, env.device)  # after the measured steps
         layers = D.decoder_layers(model)
         layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
         root_params = n_params - sum(sum(p.numel() for p in layer.parameters()) for layer in layers)
         result = {"rank": env.rank, "world_size": env.world_size, "baseline": baseline, "after_load": after_load,
-                  "peak": peak, "peak_fwd_bwd": peak_fwd_bwd, "peak_optim": peak_optim, "n_params": n_params, "activations": activations, "layer_params": layer_params,
+                  "peak": max(peaks.values()), "peak_fwd_bwd": peaks["fwd_bwd"], "peak_optim": peaks["optim"],
+                  "n_params": n_params, "activations": activations, "layer_params": layer_params,
                   "root_params": root_params, "step_times": times}
         gathered = [None] * env.world_size
-        import torch.distributed as dist
-
         dist.all_gather_object(gathered, result)
         return {"ranks": gathered}
-    finally:
-        D.teardown(env)
 
 
 def arithmetic(r: dict) -> dict:

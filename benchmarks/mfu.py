@@ -38,13 +38,15 @@ def matmul_peak(threads: int, seconds: float = 1.0) -> float:
 
 
 def profile_step(model_name: str, s: dict, threads: int, fused: bool = True) -> tuple[list[dict], str, float, float]:
-    """One training step (the recipe's loss and AdamW on one packed batch) under torch.profiler.
+    """One training step (recipes_core.finetune.train_step: the recipe's loss, clipping, AdamW) on one
+    packed batch of the plain, unsharded model, in a process group of one, under torch.profiler.
     Returns (top ops, table, step seconds, optimizer-step seconds)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from recipes_core.config import load_config
-    from recipes_core.finetune import collate_fn, token_loss_sum, tokenized
+    from recipes_core.distributed import process_group
+    from recipes_core.finetune import collate_fn, tokenized, train_step
     from recipes_core.models import load_model_and_tokenizer
 
     torch.set_num_threads(threads)
@@ -55,31 +57,21 @@ def profile_step(model_name: str, s: dict, threads: int, fused: bool = True) -> 
     batch = collate_fn(cfg, tokenizer.pad_token_id)(blocks[:s["micro"]])
     # The recipe's optimizer (AdamW fused=True), or fused=False: torch's CPU default, the per-parameter loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), **({"fused": True} if fused else {}))
-
-    def step():
-        token_loss_sum(model, batch, torch.device("cpu")).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # warm-up (allocates the AdamW states)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        step()
-        total = time.perf_counter() - start
+    with process_group("gloo") as env:
+        train_step(model, [batch], optimizer, None, env, max_grad_norm=1.0)  # warm-up (allocates the AdamW states)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            train_step(model, [batch], optimizer, None, env, max_grad_norm=1.0)
+            total = time.perf_counter() - start
     averages = prof.key_averages()
     table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
     total_self = sum(e.self_cpu_time_total for e in averages) or 1
     top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
     rows = [{"op": e.key, "self CPU share": e.self_cpu_time_total / total_self, "calls": e.count} for e in top]
     optim = sum(e.cpu_time_total for e in averages if e.key.startswith("Optimizer.step#")) / 1e6
-    matmul = sum(e.self_cpu_time_total for e in averages if e.key in MATMUL_OPS) / total_self
+    matmul = C.matmul_share(averages)
     rows.append({"op": "(matmul and attention kernels together)", "self CPU share": matmul, "calls": None})
     return rows, f"one profiled step: {total:.2f} s (optimizer step {optim:.2f} s; matmul + attention kernels {100 * matmul:.1f}% of self CPU time)\n{table}", total, optim
-
-
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
 
 
 def compare_optimizers(args, s, threads):

@@ -55,20 +55,13 @@ def run_peer(route: str, model: str, s: dict, inprocess: bool = False, threads: 
     args = ["--route", route, "--model-dir", C.model_dir(model), "--out", out, "--steps", s["steps"],
             "--micro", s["micro"], "--accum", accum, "--seq", s["seq"], "--lr", s["lr"],
             "--examples", s.get("examples", 0)]
-    script = str(C.BENCH / "_peer_worker.py")
-    if nproc:
-        from recipes_core.distributed import _free_port
-
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), script, *map(str, args)]
-    else:
-        cmd = [sys.executable, script, *map(str, args)]
     if inprocess:
         from benchmarks import _peer_worker
 
         _peer_worker.main([str(a) for a in args])
-    else:
-        C.run_cmd(cmd, threads=1 if nproc else threads)
+    else:  # the Trainer under torchrun, the plain loop as one process (nproc 0); glibc's malloc defaults
+        C.run_cmd(C.torchrun(nproc, None, args, malloc_env=False, script=C.BENCH / "_peer_worker.py"),
+                  threads=1 if nproc else threads)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
     summary = records[-1]
@@ -101,9 +94,9 @@ def compare(args, model: str) -> dict:
         results = {"ours": run_ours(model, s, nproc=0), "trainer": run_peer("trainer", model, s, inprocess=True),
                    "plain": run_peer("plain", model, s, inprocess=True)}
     else:
-        results = {"ours": retry(run_ours, model, s), "trainer": retry(run_peer, "trainer", model, s),
-                   "plain": retry(run_peer, "plain", model, s, False, 1),
-                   "ours, glibc malloc defaults": retry(run_ours, model, s, 2, "recipes_core.finetune", False)}
+        results = {"ours": run_ours(model, s), "trainer": run_peer("trainer", model, s),
+                   "plain": run_peer("plain", model, s, False, 1),
+                   "ours, glibc malloc defaults": run_ours(model, s, 2, "recipes_core.finetune", False)}
         if model == "tiny":  # reference: the same loop on both cores (see the notes)
             try:
                 results["plain, 2 threads"] = run_peer("plain", model, s, False, 2)
@@ -138,8 +131,6 @@ PROFILE = {"tiny": dict(seq=128, micro=4, accum=2, steps=3, lr=3e-3), "smollm2":
 def profile(args):
     """Where a step's time goes, ours against the Trainer's wrapping: _peer_worker.py --route profile-fsdp / -ddp
     under torchrun (2 ranks, 1 thread each), the same micro-batches, rank 0's profile of the last step."""
-    from recipes_core.distributed import _free_port
-
     models = ["tiny"] if args.smoke else args.models.split(",")
     rows, ratios, notes = [], [], []
     for model in models:
@@ -148,18 +139,16 @@ def profile(args):
         for impl in ("fsdp", "fsdp-noreshard", "ddp") if model == "tiny" and not args.smoke else ("fsdp", "ddp"):
             out = C.RUNS / f"train_profile_{model}_{impl}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-                   str(C.BENCH / "_peer_worker.py"), "--route", f"profile-{impl}", "--model-dir", str(C.model_dir(model)),
-                   "--out", str(out), "--steps", str(s["steps"]), "--micro", str(s["micro"]), "--accum", str(s["accum"]),
-                   "--seq", str(s["seq"]), "--lr", str(s["lr"])]
-            C.run_cmd(cmd, threads=1)
+            args_ = ["--route", f"profile-{impl}", "--model-dir", C.model_dir(model), "--out", out, "--steps", s["steps"],
+                     "--micro", s["micro"], "--accum", s["accum"], "--seq", s["seq"], "--lr", s["lr"]]
+            C.run_cmd(C.torchrun(2, None, args_, malloc_env=False, script=C.BENCH / "_peer_worker.py"), threads=1)
             r = json.loads(out.read_text())
             folder = C.RESULTS_DIR / ("smoke" if args.smoke else "")
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"train_profile_{model}_{impl}.txt").write_text(f"one profiled step, rank 0: {r['wall_s']:.3f} s\n{r['table']}")
             walls[impl] = r["wall_s"]
             route = {"fsdp": "ours: FSDP2 (build_sharded_model, token_loss_sum)",
-                     "fsdp-noreshard": "ours with shard_model(reshard_after_forward=False)",
+                     "fsdp-noreshard": "ours with fsdp.reshard_after_forward=false",
                      "ddp": "Trainer's wrapping: DDP, model(**batch).loss"}[impl]
             rows.append({"model": model, "route": route, "profiled step (s)": r["wall_s"],
                          "matmul + attention share": r["shares"]["matmul + attention kernels"],
@@ -179,15 +168,6 @@ def profile(args):
                  "all-reduce and broadcast ops and the waits on them, FSDP's own record_function labels included.")
     return C.save_result("train_profile", "1b. Where a training step's time goes: ours (FSDP2) vs the Trainer's DDP (profiled)",
                          C.command_line(), {}, rows, ratios, notes, args.smoke)
-
-
-def retry(fn, *args):
-    """Once more after a failure: the recipe's files are edited while benchmarks run."""
-    try:
-        return fn(*args)
-    except RuntimeError as err:
-        print(f"  retrying after: {str(err)[-300:]}", flush=True)
-        return fn(*args)
 
 
 def save(args, model, s, results, rows, ratios, failures):
