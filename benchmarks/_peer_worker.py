@@ -3,11 +3,14 @@
   --route trainer  Hugging Face `Trainer` (launch under torchrun: on CPU it wraps the model in
                    DistributedDataParallel over gloo; the route records which wrapper it really used)
   --route plain    a single-process plain PyTorch loop (model(**batch).loss, backward, clip, AdamW)
+  --route profile-fsdp, profile-fsdp-noreshard, profile-ddp
+                   one profiled step: the recipe's own (recipes_core.finetune.train_step) or the Trainer's DDP
 
 Same model folder, same tokenized examples and collation as recipes_core.finetune (its own
 `tokenized` and collate functions), same sequence length, global batch, AdamW betas, lr schedule
 family, gradient clipping and fp32. Writes one JSON line per optimizer step to --out (rank 0) with the
-step time and the tokens of the whole global batch, then a summary line with each rank's peak RSS.
+step time and the tokens of the whole global batch, then a summary line with each rank's peak RSS
+(the profile routes: one JSON summary of the profiled step).
 """
 
 from __future__ import annotations
@@ -105,14 +108,14 @@ def train_with_trainer(args, accum: int, lr: float, callbacks=()):
     return trainer, times, counting.counts
 
 
-def run_trainer(args, rss_after_imports):
+def run_trainer(args):
     trainer, times, counts = train_with_trainer(args, args.accum, args.lr)
     wrapper = type(trainer.model_wrapped).__name__
     parallel = f"{wrapper} ({trainer.args.parallel_mode.value}, backend {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'none'})"
     return times, counts, parallel
 
 
-def run_plain(args, rss_after_imports):
+def run_plain(args):
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM
 
@@ -212,7 +215,7 @@ def main(argv=None):
     if args.route.startswith("profile"):
         return run_profile(args)
     rss_after_imports = rss_bytes()
-    times, counts, parallel = (run_trainer if args.route == "trainer" else run_plain)(args, rss_after_imports)
+    times, counts, parallel = (run_trainer if args.route == "trainer" else run_plain)(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = torch.tensor([[c[0] for c in counts[:len(times) * args.accum]],
                           [c[1] for c in counts[:len(times) * args.accum]]], dtype=torch.float64)

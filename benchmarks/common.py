@@ -275,7 +275,7 @@ RESULTS_HEADER = """# Benchmarks
 
 Each benchmark compares our recipe with what a user would pick instead, **in one run, on the same
 machine, at the same settings**, and states the result as a ratio. Absolute numbers on this shared
-2-core machine move with whatever else runs (other jobs' test suites ran during these runs; the
+2-core machine move with whatever else runs (other test suites ran during these runs; the
 load average is given per benchmark), so read the ratios, not the absolute tokens/s.
 
 Thread budget: the machine has 2 cores. A 2-rank run gives each rank `OMP_NUM_THREADS=1`. Single-process

@@ -339,8 +339,8 @@ def peak_memory_per_rank(env: D.DistEnv) -> list[int]:
 
 
 class RunLog:
-    """metrics.jsonl (and TensorBoard) on rank 0, the progress bar, and what a step's record adds to
-    StepResult: throughput, MFU against peak_flops, each rank's peak memory."""
+    """metrics.jsonl (and TensorBoard) on rank 0, the progress bar, the profiler (log.profile_steps > 0),
+    and what a step's record adds to StepResult: throughput, MFU against peak_flops, each rank's peak memory."""
 
     def __init__(self, cfg: Config, env: D.DistEnv, model_config: dict, counts: dict, precision: str,
                  total_steps: int, state: TrainState, append: bool):
@@ -348,6 +348,7 @@ class RunLog:
         self.peak, self.peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
         self.logger = MetricsLogger(Path(cfg.checkpoint.output_dir) / "metrics.jsonl", env.is_main,
                                     cfg.log.tensorboard, append=append)
+        self.profiler = StepProfiler(cfg.log.profile_steps, cfg.checkpoint.output_dir, env.rank, env.device)
         self.progress = None
         if env.is_main and cfg.log.progress_bar:
             from tqdm import tqdm
@@ -361,6 +362,7 @@ class RunLog:
                          "total_steps": total_steps, "setup_s": setup_s})
 
     def step(self, state: TrainState, result: StepResult, seconds: float, seq_len: int, last: bool) -> None:
+        self.profiler.step()
         if state.step % self.cfg.log.log_every == 0 or last:
             flops = flops_per_token(self.model_config, self.counts["total"], self.counts["trainable"], seq_len)
             self.logger.log({"kind": "train", "step": state.step, "epoch": state.epoch, "loss": result.loss,
@@ -379,6 +381,7 @@ class RunLog:
         return record
 
     def close(self, summary: dict) -> None:
+        self.profiler.close()
         if self.progress is not None:
             self.progress.close()
         self.logger.log(summary)
@@ -413,7 +416,6 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
                  append=resume_dir is not None)
     log.start(step=state.step, mesh=mesh_shape, precision=precision, total_steps=total_steps,
               setup_s=time.perf_counter() - started)
-    profiler = StepProfiler(cfg.log.profile_steps, out, env.rank, env.device)  # log.profile_steps > 0 only
 
     accum, stop_at = cfg.train.grad_accum_steps, min(total_steps, cfg.train.stop_after_steps or total_steps)
     losses, eval_results, saved_at, batches = [], [], -1, None
@@ -432,7 +434,6 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         state.tokens_seen += result.tokens
         state.supervised_tokens_seen += result.supervised_tokens
         losses.append(result.loss)
-        profiler.step()
         log.step(state, result, seconds, micro_batches[0]["input_ids"].shape[1], last=state.step == stop_at)
         if evals and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
             eval_results.append(log.eval(state.step, model, evals))
@@ -443,7 +444,6 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         eval_results.append(log.eval(state.step, model, evals))
     if (cfg.checkpoint.save_final or stop_at < total_steps) and saved_at != state.step:
         save(cfg, state, model, optimizer, scheduler, train_params)
-    profiler.close()
     summary = {"kind": "summary", "step": state.step, "losses": losses, "evals": eval_results,
                "n_params": train_params["param_counts"]["total"], "n_trainable": train_params["param_counts"]["trainable"]}
     log.close(summary)
