@@ -290,7 +290,8 @@ class TrainState:
 
 def restore(resume_dir: Path, model, optimizer, scheduler, cfg: Config, env: D.DistEnv) -> TrainState:
     """Load the checkpoint into model, optimizer, scheduler (and RNG); the state to carry on from."""
-    restored = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, asdict(TrainState()), lora=cfg.lora.enabled)
+    restored = ckpt.load_checkpoint(resume_dir, model, optimizer, scheduler, asdict(TrainState()),
+                                    lora=cfg.lora.enabled)
     if restored is None:
         message = (f"{resume_dir} is a model-only checkpoint (save_optimizer=false): the weights are "
                    "restored but the optimizer starts cold (no AdamW moments) at step 0 of a new schedule")
@@ -358,8 +359,8 @@ class RunLog:
     def start(self, step: int, mesh: dict, precision: str, total_steps: int, setup_s: float) -> None:
         self.logger.log({"kind": "start", "step": step, "world_size": self.env.world_size, "mesh": mesh,
                          "n_params": self.counts["total"], "n_trainable": self.counts["trainable"],
-                         "precision": precision, "peak_flops_per_rank": self.peak, "peak_flops_source": self.peak_source,
-                         "total_steps": total_steps, "setup_s": setup_s})
+                         "precision": precision, "peak_flops_per_rank": self.peak,
+                         "peak_flops_source": self.peak_source, "total_steps": total_steps, "setup_s": setup_s})
 
     def step(self, state: TrainState, result: StepResult, seconds: float, seq_len: int, last: bool) -> None:
         self.profiler.step()
@@ -444,8 +445,9 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         eval_results.append(log.eval(state.step, model, evals))
     if (cfg.checkpoint.save_final or stop_at < total_steps) and saved_at != state.step:
         save(cfg, state, model, optimizer, scheduler, train_params)
+    counts = train_params["param_counts"]
     summary = {"kind": "summary", "step": state.step, "losses": losses, "evals": eval_results,
-               "n_params": train_params["param_counts"]["total"], "n_trainable": train_params["param_counts"]["trainable"]}
+               "n_params": counts["total"], "n_trainable": counts["trainable"]}
     log.close(summary)
     return summary
 
