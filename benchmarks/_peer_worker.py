@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import matmul_share, max_rss_bytes, rss_bytes  # noqa: E402
+from benchmarks.common import max_rss_bytes, profile_summary, rss_bytes  # noqa: E402
 from recipes_core.config import load_config  # noqa: E402
 from recipes_core.finetune import collate_fn, supervised_tokens, tokenized  # noqa: E402
 from recipes_core.tokens import load_tokenizer  # noqa: E402
@@ -193,21 +193,6 @@ def ddp_step(model, batches, optimizer) -> None:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def profile_summary(events) -> dict:
-    """Shares of rank 0's self CPU time: matmul + attention kernels, collectives; top ops; the table."""
-    self_us = {e.key: e.self_cpu_time_total for e in events}
-    total_self = sum(self_us.values()) or 1
-    is_comm = lambda k: any(w in k.lower() for w in ("all_gather", "allgather", "reduce_scatter", "allreduce", "all_reduce",
-                                                       "broadcast", "c10d", "gloo", "record_param_comms", "wait"))
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-    return {"optimizer_s": sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")) / 1e6,
-            "shares": {"matmul + attention kernels": matmul_share(events),
-                       "collectives (incl. waits)": sum(v for k, v in self_us.items() if is_comm(k)) / total_self},
-            "collective_calls": sum(e.count for e in events if is_comm(e.key) and not e.key.startswith("c10d::wait")),
-            "top": [{"op": e.key, "share": e.self_cpu_time_total / total_self, "calls": e.count} for e in top],
-            "table": events.table(sort_by="self_cpu_time_total", row_limit=25)}
 
 
 def main(argv=None):

@@ -130,14 +130,29 @@ class RssSampler:
 
 # The ops that do a step's matmul FLOPs (linear layers, attention scores) on CPU: the share of a profiled
 # step spent outside them is the overhead a faster loop could remove.
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_flash_attention_backward"}
 
 
-def matmul_share(events) -> float:
-    """Share of the self CPU time of a torch.profiler key_averages() spent in MATMUL_OPS."""
+def is_collective(op: str) -> bool:
+    return any(w in op.lower() for w in ("all_gather", "allgather", "reduce_scatter", "allreduce", "all_reduce",
+                                         "broadcast", "c10d", "gloo", "record_param_comms", "wait"))
+
+
+def profile_summary(events, top: int = 8) -> dict:
+    """A profiled step (torch.profiler key_averages()) as data: shares of the self CPU time in matmul +
+    attention kernels and in collectives, the optimizer step's seconds, the top ops and the op table."""
     total = sum(e.self_cpu_time_total for e in events) or 1
-    return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+    share = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / total
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {"optimizer_s": sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")) / 1e6,
+            "shares": {"matmul + attention kernels": share(lambda k: k in MATMUL_OPS),
+                       "collectives (incl. waits)": share(is_collective)},
+            "collective_calls": sum(e.count for e in events
+                                    if is_collective(e.key) and not e.key.startswith("c10d::wait")),
+            "top": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in ranked],
+            "table": events.table(sort_by="self_cpu_time_total", row_limit=25)}
 
 
 # ----- throughput ----------------------------------------------------------------------------------------

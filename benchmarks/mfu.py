@@ -63,15 +63,12 @@ def profile_step(model_name: str, s: dict, threads: int, fused: bool = True) -> 
             start = time.perf_counter()
             train_step(model, [batch], optimizer, None, env, max_grad_norm=1.0)
             total = time.perf_counter() - start
-    averages = prof.key_averages()
-    table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
-    total_self = sum(e.self_cpu_time_total for e in averages) or 1
-    top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
-    rows = [{"op": e.key, "self CPU share": e.self_cpu_time_total / total_self, "calls": e.count} for e in top]
-    optim = sum(e.cpu_time_total for e in averages if e.key.startswith("Optimizer.step#")) / 1e6
-    matmul = C.matmul_share(averages)
+    summary = C.profile_summary(prof.key_averages(), top=10)
+    optim, matmul = summary["optimizer_s"], summary["shares"]["matmul + attention kernels"]
+    rows = [{"op": t["op"], "self CPU share": t["share"], "calls": t["calls"]} for t in summary["top"]]
     rows.append({"op": "(matmul and attention kernels together)", "self CPU share": matmul, "calls": None})
-    return rows, f"one profiled step: {total:.2f} s (optimizer step {optim:.2f} s; matmul + attention kernels {100 * matmul:.1f}% of self CPU time)\n{table}", total, optim
+    return rows, (f"one profiled step: {total:.2f} s (optimizer step {optim:.2f} s; matmul + attention kernels "
+                  f"{100 * matmul:.1f}% of self CPU time)\n{summary['table']}"), total, optim
 
 
 def compare_optimizers(args, s, threads):
