@@ -73,6 +73,11 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end
     max_eval_batches: int = 0  # 0 = the whole eval set
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) and what it needs
+    # Chunked cross-entropy (recipes_core.loss): the lm_head and the loss run on this many tokens at a time,
+    # so only one chunk's logits are ever in memory (recomputed in backward: the lm_head matmul runs twice).
+    # Applies to micro-batches with more tokens than this (micro_batch_size x sequence length); 0 = off.
+    # Same loss and gradients as the plain loss (to summation order). DEFAULT_LOSS_CHUNK_SIZE says why this value.
+    loss_chunk_size: int = 1024
 
 
 @dataclass
@@ -269,6 +274,7 @@ def config_errors(config: Config) -> list[str]:
                     "checkpoint.save_every": config.checkpoint.save_every,
                     "checkpoint.keep_last_n": config.checkpoint.keep_last_n,
                     "fsdp.replicate_degree": config.fsdp.replicate_degree,
+                    "train.loss_chunk_size": config.train.loss_chunk_size,
                     "data.max_train_examples": config.data.max_train_examples}
     errors += [f"{key}={value} must be greater than 0" for key, value in positive.items() if not value > 0]
     errors += [f"{key}={value} must not be negative" for key, value in non_negative.items() if value < 0]

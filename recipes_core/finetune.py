@@ -40,6 +40,7 @@ from recipes_core.config import Config, dump, load_config, to_dict
 from recipes_core.data import load_records
 from recipes_core.errors import command
 from recipes_core.lora import add_lora, lora_fields
+from recipes_core.loss import chunked_token_loss_sum
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
 from recipes_core.preprocess import data_options, today_for_templates, tokenize_records
@@ -94,14 +95,17 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+def token_loss_sum(model, batch: dict, device: torch.device, chunk_size: int = 0) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the supervised tokens of the batch.
 
     Token t predicts label t+1: the labels are shifted left and their end padded with IGNORE_INDEX,
     so the loss runs on the whole (B x T x vocab) logits tensor as it is, a view and no copy (slicing
     the logits instead, logits[:, :-1], copies all of them: 25 MiB per 128 tokens for a 49k vocab,
-    and again for its gradient). fp32 logits need no cast; bf16 ones are upcast for an exact loss."""
+    and again for its gradient). fp32 logits need no cast; bf16 ones are upcast for an exact loss.
+    chunk_size > 0 and fewer tokens than the micro-batch has: recipes_core.loss computes it in chunks."""
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if 0 < chunk_size < batch["labels"].numel():
+        return chunked_token_loss_sum(model, inputs, batch["labels"].to(device), chunk_size)
     logits = model(**inputs, use_cache=False).logits
     if logits.dtype != torch.float32:
         logits = logits.float()
@@ -307,7 +311,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
         for i, batch in enumerate(micro_batches):
             model.set_requires_gradient_sync(i == accum - 1)  # reduce-scatter once, after the last one
-            loss_sum = token_loss_sum(model, batch, env.device)
+            loss_sum = token_loss_sum(model, batch, env.device, cfg.train.loss_chunk_size)
             # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
             (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
             local_loss += loss_sum.detach().double()
