@@ -113,3 +113,29 @@ def test_bad_input_is_one_error_line(argv, needle, capsys):
 def test_folder_without_config_is_one_error_line(tmp_path, capsys):
     assert exit_code(P.main, ["--model", str(tmp_path), "--world-size", "2"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+# recipe -> the hardware its header says it is sized for: (ranks, GPU memory)
+REAL_SIZE_RECIPES = {"llama3_2_1b_full.yaml": ("meta-llama/Llama-3.2-1B-Instruct", 8),
+                     "llama3_2_3b_full.yaml": ("meta-llama/Llama-3.2-3B-Instruct", 8),
+                     "llama3_1_8b_full.yaml": ("meta-llama/Llama-3.1-8B-Instruct", 8),
+                     "llama3_1_70b_full.yaml": ("meta-llama/Llama-3.1-70B-Instruct", 32)}
+
+
+@pytest.mark.parametrize("recipe", sorted(REAL_SIZE_RECIPES))
+def test_real_size_recipes_load_offline_and_fit_their_hardware(recipe):
+    """Each recipe loads with load_config (nothing is downloaded: the hub name is only read at run time),
+    names its model by hub name, trains in bf16 with activation checkpointing and chunked loss, and the
+    planner puts its per-GPU memory (with 1 GiB of runtime) under the 80 GB its header names."""
+    from recipes_core.config import load_config
+
+    name, ranks = REAL_SIZE_RECIPES[recipe]
+    path = DATA_DIR.parent / recipe
+    cfg = load_config(path)
+    assert (cfg.model.source, cfg.model.path) == ("hub", name)
+    assert cfg.fsdp.mixed_precision == "bf16" and cfg.fsdp.activation_checkpointing and cfg.train.loss_chunk_size
+    assert cfg.data.format == "chat" and f"--world-size {ranks} " in path.read_text()
+    shape = P.resolve_model(name)[1]
+    needed = P.plan(shape, ranks, cfg.train.micro_batch_size, cfg.data.max_seq_len, "bf16", True,
+                    cfg.fsdp.cpu_offload, cfg.train.loss_chunk_size)["device"] + P.GiB
+    assert needed <= 80e9, needed / P.GiB
