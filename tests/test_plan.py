@@ -84,6 +84,8 @@ def test_prediction_within_15_percent_of_measured_runs(ranks, mid_model, tmp_pat
         if rank == 0:
             expected = max(expected, predicted["rank0_load_host"] + predicted["parts"]["parameters"])
         got = measured["peak"][rank] - measured["baseline"][rank]
+        print(f"{ranks} rank(s), rank {rank}: measured {got / 2**20:.0f} MiB, predicted {expected / 2**20:.0f} MiB, "
+              f"ratio {got / expected:.3f}")
         assert got / expected == pytest.approx(1.0, abs=0.15), (rank, got / 2**20, expected / 2**20)
 
 
