@@ -106,9 +106,14 @@ def main(argv=None):
             out = C.run_cmd([sys.executable, __file__, "--worker", model, str(seq), str(c), ac], threads=1,
                             timeout=1800, env_extra=dict(MALLOC_ENV))
             runs[c].append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
-            print(f"  round {r + 1} chunk {c}: {runs[c][-1]['above_baseline'] / 2**20:.0f} MiB above baseline", flush=True)
+            print(f"  round {r + 1} chunk {c}: {runs[c][-1]['above_baseline'] / 2**20:.0f} MiB above baseline",
+                  flush=True)
+    from recipes_core import plan as P
+
+    shape = P.resolve_model(str(smollm2_dir() if model == "smollm2" else C.tiny_dir()))[1]
     rows, ratios = [], []
     for c in chunks:
+        predicted = P.plan(shape, 1, 1, seq, "fp32", ac == "1", False, c)["device"]  # the planner, same settings
         for kind in ("above_baseline", "increment"):
             per_round = [x[kind] / p[kind] for x, p in zip(runs[c], runs[0])]
             row = {"loss": "plain" if c == 0 else f"chunked, {c} tokens", "figure": kind,
@@ -116,12 +121,15 @@ def main(argv=None):
                    "MiB min": min(x[kind] for x in runs[c]) / 2**20, "MiB max": max(x[kind] for x in runs[c]) / 2**20,
                    "step s (median)": statistics.median(x["step_s"] for x in runs[c]),
                    "/ plain (median)": statistics.median(per_round), "/ plain min": min(per_round),
-                   "/ plain max": max(per_round)}
+                   "/ plain max": max(per_round),
+                   "planner / measured": predicted / statistics.median(x[kind] for x in runs[c])
+                   if kind == "above_baseline" else None}
             rows.append(row)
             if c and kind == "above_baseline":
                 ratios.append(C.ratio(f"{model} seq {seq}: chunk {c} / plain, step peak above baseline (median of "
                                       f"{repeats}, min {min(per_round):.3f}, max {max(per_round):.3f})",
-                                      statistics.median(per_round), "at most 0.7x", statistics.median(per_round) <= 0.7))
+                                      statistics.median(per_round), "at most 0.7x",
+                                      statistics.median(per_round) <= 0.7))
     for row in rows:
         print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     notes = [__doc__.split("Figures per process", 1)[1].strip(),

@@ -106,8 +106,8 @@ class Shape:
                        head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
                        vocab=int(config["vocab_size"]), tied=bool(config.get("tie_word_embeddings", False)))
         except KeyError as err:
-            raise PlanError(f"{where}: no {err.args[0]!r}; the planner needs a Llama-style config.json "
-                            "(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, vocab_size)") from None
+            raise PlanError(f"{where}: no {err.args[0]!r}; the planner needs a Llama-style config.json (hidden_size, "
+                            "intermediate_size, num_hidden_layers, num_attention_heads, vocab_size)") from None
         except (TypeError, ValueError) as err:
             raise PlanError(f"{where}: {err}") from None
 
