@@ -73,6 +73,17 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end
     max_eval_batches: int = 0  # 0 = the whole eval set
     deterministic: bool = False  # torch.use_deterministic_algorithms(True) and what it needs
+    # Chunked cross-entropy (recipes_core.loss): the lm_head and the loss run on this many tokens at a time,
+    # so only one chunk's logits are ever in memory (recomputed in backward: the lm_head matmul runs twice).
+    # Applies to micro-batches with more tokens than this (micro_batch_size x padded length); 0 = off. Same
+    # loss and gradients as the plain loss up to summation order (tests/test_loss.py).
+    # Why on, and why 1024 (benchmarks/chunked_loss.py, SmolLM2, one micro-batch of 2048 tokens, fp32 CPU, peak
+    # RSS above the runtime baseline, one round each): chunks of 1024 tokens 0.92x the plain loss's peak, of 256
+    # 0.85x; with activation checkpointing, 256: 0.78x (what the step adds above the weights and AdamW states:
+    # 0.53x). The saving grows with vocabulary x tokens (Llama 3: 128k vocabulary); below 1024 tokens per
+    # micro-batch it is small, and 1024 leaves every shorter micro-batch on the plain loss (no recompute, the
+    # same numbers as before). Lower it (e.g. 256) when memory is tight at long sequences.
+    loss_chunk_size: int = 1024
 
 
 @dataclass
@@ -269,6 +280,7 @@ def config_errors(config: Config) -> list[str]:
                     "checkpoint.save_every": config.checkpoint.save_every,
                     "checkpoint.keep_last_n": config.checkpoint.keep_last_n,
                     "fsdp.replicate_degree": config.fsdp.replicate_degree,
+                    "train.loss_chunk_size": config.train.loss_chunk_size,
                     "data.max_train_examples": config.data.max_train_examples}
     errors += [f"{key}={value} must be greater than 0" for key, value in positive.items() if not value > 0]
     errors += [f"{key}={value} must not be negative" for key, value in non_negative.items() if value < 0]

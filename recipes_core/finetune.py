@@ -44,6 +44,7 @@ from recipes_core.collate import pack_examples, packed_collate, pad_collate
 from recipes_core.config import Config, dump, load_config, to_dict
 from recipes_core.errors import command
 from recipes_core.lora import add_lora, lora_fields
+from recipes_core.loss import chunked_token_loss_sum
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
 from recipes_core.preprocess import today_for_templates, tokenize_file
@@ -112,14 +113,17 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
+def token_loss_sum(model, batch: dict, device: torch.device, chunk_size: int = 0) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the supervised tokens of the batch.
 
     Token t predicts label t+1: the labels are shifted left and their end padded with IGNORE_INDEX,
     so the loss runs on the whole (B x T x vocab) logits tensor as it is, a view and no copy (slicing
     the logits instead, logits[:, :-1], copies all of them: 25 MiB per 128 tokens for a 49k vocab,
-    and again for its gradient). fp32 logits need no cast; bf16 ones are upcast for an exact loss."""
+    and again for its gradient). fp32 logits need no cast; bf16 ones are upcast for an exact loss.
+    chunk_size > 0 and fewer tokens than the micro-batch has: recipes_core.loss computes it in chunks."""
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if 0 < chunk_size < batch["labels"].numel():
+        return chunked_token_loss_sum(model, inputs, batch["labels"].to(device), chunk_size)
     logits = model(**inputs, use_cache=False).logits
     if logits.dtype != torch.float32:
         logits = logits.float()
@@ -153,11 +157,12 @@ class StepResult:
 
 
 def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.DistEnv,
-               max_grad_norm: float = 0.0) -> StepResult:
+               max_grad_norm: float = 0.0, loss_chunk_size: int = 0) -> StepResult:
     """Steps 2-4 of the module docstring over this rank's micro-batches; every rank calls it together.
 
     `model` is the FSDP2 model of build_sharded_model, or a plain module in a group of one (the
-    benchmarks profile both). `scheduler` may be None (constant lr); max_grad_norm 0 means no clipping."""
+    benchmarks profile both). `scheduler` may be None (constant lr); max_grad_norm 0 means no clipping;
+    loss_chunk_size > 0: the loss of a micro-batch with more tokens is computed in chunks (train.loss_chunk_size)."""
     global_supervised = D.all_reduce_sum(sum(supervised_tokens(b) for b in micro_batches), env.device)
     if global_supervised.item() == 0:
         raise ValueError("no supervised token in the global batch of this step; check the masks")
@@ -166,7 +171,7 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.Di
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce-scatter once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        loss_sum = token_loss_sum(model, batch, env.device)
+        loss_sum = token_loss_sum(model, batch, env.device, loss_chunk_size)
         # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
         (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
         local_loss += loss_sum.detach().double()
@@ -429,7 +434,8 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
             state.epoch, state.batch_in_epoch, batches = state.epoch + 1, 0, None
             continue
         start = time.perf_counter()
-        result = train_step(model, micro_batches, optimizer, scheduler, env, cfg.train.max_grad_norm)
+        result = train_step(model, micro_batches, optimizer, scheduler, env, cfg.train.max_grad_norm,
+                            cfg.train.loss_chunk_size)
         seconds = time.perf_counter() - start
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + accum
         state.tokens_seen += result.tokens
