@@ -158,13 +158,13 @@ def run_profile(args) -> None:
         cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={args.model_dir}"])
         model = build_sharded_model(cfg, env, args.model_dir, load_model_config(args.model_dir))[0]
     elif args.route == "profile-fsdp-noreshard":  # the same, every layer kept gathered from forward to backward
-        from recipes_core.models import build_model_from_config, load_full_model
+        from recipes_core.models import build_model_from_config, load_full_model, reset_rotary_buffers
 
         model = build_model_from_config(load_model_config(args.model_dir), device="meta")
         full = load_full_model(args.model_dir).state_dict() if env.is_main else None
         mesh = D.build_mesh(env, "full")
         D.shard_model(model, mesh, D.mixed_precision_policy("fp32", env.device)[0], reshard_after_forward=False)
-        D.load_full_weights_from_rank0(model, full, env.device)
+        D.load_full_weights_from_rank0(model, full, env.device, reset_buffers=reset_rotary_buffers)
         del full
         model.train()
     else:

@@ -216,17 +216,17 @@ def compare_tokenizers(a, b, title: str = "tokenizers") -> Report:
 def check_checkpoint(path) -> Report:
     """Complete or not (.metadata and every shard it names), what it holds (model, optimizer, step),
     and its size against the prediction (4 B/param weights, 8 B/trainable param for AdamW)."""
-    from recipes_core.checkpoint import (CheckpointError, incomplete_reasons, load_train_params, measured_sizes, read_metadata,
-                                         resolve_checkpoint, size_report)
+    from recipes_core.checkpoint import (METADATA, CheckpointError, incomplete_reasons, load_train_params, measured_sizes,
+                                         read_metadata, select_checkpoint, size_report)
     from recipes_core.safety import CodeInCheckpointError, UnsafeCheckpointError
 
     try:
-        ckpt_dir = resolve_checkpoint(path)
+        ckpt_dir, _ = select_checkpoint(path)
     except CheckpointError as err:  # a run folder whose `latest` is damaged: a finding like any other
         report = Report(f"checkpoint {path}")
         report.add("error", str(err))
         return report
-    if (ckpt_dir / ".metadata").is_file():
+    if (ckpt_dir / METADATA).is_file():
         try:
             read_metadata(ckpt_dir)
         except CodeInCheckpointError:

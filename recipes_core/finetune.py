@@ -41,7 +41,8 @@ from recipes_core.data import load_records
 from recipes_core.errors import command
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
-from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
+from recipes_core.models import (build_model_from_config, load_full_model, load_model_config, reset_rotary_buffers,
+                                 resolve_model_source)
 from recipes_core.preprocess import data_options, today_for_templates, tokenize_records
 from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
@@ -146,7 +147,7 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
         print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
     D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
                   cfg.fsdp.reshard_after_forward)
-    D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload)
+    D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
     del full_state
     model.train()
     return model, precision, dict(zip(mesh.mesh_dim_names, mesh.shape))
@@ -195,7 +196,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     resume_dir = None
     if cfg.checkpoint.resume:
         # preflight refused a damaged path given by hand; for auto it warned about what it passes over
-        resume_dir = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+        resume_dir, _ = ckpt.select_checkpoint(cfg.checkpoint.resume, out)  # preflight's choice, same rule
         if resume_dir is None and env.is_main:
             print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
     chat_date = D.broadcast_object(run_chat_date(cfg, resume_dir) if env.is_main else None)
