@@ -14,9 +14,10 @@ Format contract (other tools, e.g. conversion to a Hugging Face folder, rely on 
 
 A checkpoint is complete when every file it needs is there and parses: train_params.yaml (a YAML
 mapping), .metadata (through the restricted unpickler) and every shard .metadata names, at least as long
-as it says (`incomplete_reasons`). resume=auto takes the folder `latest` names if complete, else the
-highest complete step_<k>, and warns naming each file that made it pass one over (`choose_latest`); a
-folder given by path (resume=<path>, convert, infer) that is not complete is an error naming the file.
+as it says (`incomplete_reasons`). Which checkpoint a command loads is `select_checkpoint`'s one rule:
+resume=auto takes the folder `latest` names if complete, else the highest complete step_<k>, and warns
+naming each file that made it pass one over (`choose_latest`); a folder given by path (resume=<path>,
+convert, infer, doctor) that is not complete is an error naming the file.
 
 DCP top-level keys:
   "model"      the model state dict with plain Hugging Face names, exactly as
