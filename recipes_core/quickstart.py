@@ -1,6 +1,6 @@
 """The quickstart: the whole pipeline on the tiny model, on CPU, in a few minutes.
 
-    python -m recipes_core.quickstart [--out runs/quickstart] [--steps 100] [--eval-prompts 100]
+    python -m recipes_core.quickstart [--out runs/quickstart] [--steps 100] [--eval-prompts 100] [--prepare-only]
 
 1. generate the datasets and build the tiny base/instruct models
 2. score the held-out chat prompts with the instruct model as built (greedy exact match)
