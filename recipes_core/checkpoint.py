@@ -14,9 +14,10 @@ Format contract (other tools, e.g. conversion to a Hugging Face folder, rely on 
 
 A checkpoint is complete when every file it needs is there and parses: train_params.yaml (a YAML
 mapping), .metadata (through the restricted unpickler) and every shard .metadata names, at least as long
-as it says (`incomplete_reasons`). resume=auto takes the folder `latest` names if complete, else the
-highest complete step_<k>, and warns naming each file that made it pass one over (`choose_latest`); a
-folder given by path (resume=<path>, convert, infer) that is not complete is an error naming the file.
+as it says (`incomplete_reasons`). Which checkpoint a command loads is `select_checkpoint`'s one rule:
+resume=auto takes the folder `latest` names if complete, else the highest complete step_<k>, and warns
+naming each file that made it pass one over (`choose_latest`); a folder given by path (resume=<path>,
+convert, infer, doctor) that is not complete is an error naming the file.
 
 DCP top-level keys:
   "model"      the model state dict with plain Hugging Face names, exactly as
@@ -51,7 +52,6 @@ Sizes: `python -m recipes_core.checkpoint size DIR` sets predicted bytes (4 B/pa
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import sys
@@ -63,7 +63,9 @@ import yaml
 
 from recipes_core import faults
 from recipes_core.errors import UsageError, UserError, command
+from recipes_core.paths import publish_folder, write_text_atomically
 from recipes_core.safety import UnsafeCheckpointError, check_checkpoint_metadata, load_torch_file
+from recipes_core.torch_internals import weights_only_load_planner
 
 LATEST = "latest"
 TRAIN_PARAMS = "train_params.yaml"
@@ -85,6 +87,20 @@ class CheckpointError(UserError, RuntimeError):
 
 def step_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"step_{step}"
+
+
+def tmp_step_dir(output_dir: str | Path, step: int) -> Path:
+    """Where step_<k> is written until every rank has finished (then renamed; never resumed from)."""
+    return Path(output_dir) / f".tmp_step_{step}"
+
+
+def remove_unfinished_saves(output_dir: str | Path) -> list[Path]:
+    """Remove the .tmp_step_<k> folders of saves that never finished (a crash between writing the shards
+    and the rename) and return them. Call it on one rank, before the run saves anything."""
+    stale = sorted(Path(output_dir).glob(".tmp_step_*"))
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def step_number(path: str | Path) -> int | None:
@@ -237,10 +253,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return target
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never half
+def select_checkpoint(given: str | Path, output_dir: str | Path | None = None) -> tuple[Path | None, list[str]]:
+    """The one rule for which checkpoint a command loads (finetune's resume, preflight, convert, infer,
+    doctor): (the step folder, notes). given "auto" (checkpoint.resume=auto): choose_latest(output_dir),
+    None when it holds no complete checkpoint, notes naming each file that made it pass one over. Anything
+    else is a path, taken strictly (resolve_checkpoint): a step folder as is, a run folder's `latest`."""
+    if str(given) == "auto":
+        return choose_latest(output_dir) if output_dir is not None and Path(output_dir).is_dir() else (None, [])
+    return resolve_checkpoint(given), []
 
 
 # ----- RNG ---------------------------------------------------------------------------------------------
@@ -267,23 +287,6 @@ def set_rng_state(state: dict) -> None:
 
 # ----- save and load (every rank calls these) ----------------------------------------------------------
 
-def _weights_only_planner():
-    from torch.distributed.checkpoint._nested_dict import set_element
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-        """DefaultLoadPlanner unpickles non-tensor values with weights_only=False; this one does not."""
-
-        def load_bytes(self, read_item, value):
-            obj = torch.load(value, weights_only=True)
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
-
-    return WeightsOnlyLoadPlanner()
-
-
 def model_state(model, lora: bool) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
@@ -303,7 +306,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
 
     rank = dist.get_rank()
     output_dir = Path(output_dir)
-    final, tmp = step_dir(output_dir, step), output_dir / f".tmp_step_{step}"
+    final, tmp = step_dir(output_dir, step), tmp_step_dir(output_dir, step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -316,15 +319,14 @@ def save_checkpoint(output_dir: str | Path, step: int, model, optimizer, schedul
         state["trainer"] = dict(trainer_state)
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     dcp.save(state, checkpoint_id=str(tmp))
-    faults.in_save(step, rank, output_dir)  # test-only: RECIPES_FAULT_KILL_IN_SAVE (shards written, no rename)
+    faults.in_save(step, rank, output_dir, tmp)  # test-only: RECIPES_FAULT_KILL_IN_SAVE (shards written, no rename)
 
     if rank == 0:
         (tmp / TRAIN_PARAMS).write_text(yaml.safe_dump(train_params, sort_keys=False), encoding="utf-8")
         if not is_complete(tmp):
             raise RuntimeError(f"{tmp}: DCP wrote an incomplete checkpoint")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _atomic_write_text(output_dir / LATEST, final.name + "\n")
+        publish_folder(tmp, final)  # rank 0 alone; dcp.save returned after every rank wrote its shards
+        write_text_atomically(output_dir / LATEST, final.name + "\n")
         if keep_last_n > 0:
             for old in list_step_dirs(output_dir)[:-keep_last_n]:
                 shutil.rmtree(old)
@@ -352,7 +354,7 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, trainer_s
         state["optim"] = get_optimizer_state_dict(model, optimizer)
         state["scheduler"] = scheduler.state_dict()
         state["trainer"] = dict(trainer_state)  # DCP loads only the keys the target dict has
-    dcp.load(state, checkpoint_id=str(ckpt_dir), planner=_weights_only_planner())
+    dcp.load(state, checkpoint_id=str(ckpt_dir), planner=weights_only_load_planner())
     if not lora:  # get_model_state_dict may return copies (e.g. with CPU offload): set them back
         set_model_state_dict(model, state["model"])
     if not full:
@@ -363,6 +365,128 @@ def load_checkpoint(ckpt_dir: str | Path, model, optimizer, scheduler, trainer_s
     if rng_file.is_file():
         set_rng_state(load_torch_file(rng_file))
     return state["trainer"]
+
+
+# ----- loading the model back (one process, no process group: convert, infer, notebooks) ---------------
+
+def saved_model_entries(ckpt_dir: str | Path) -> dict:
+    """{name inside "model": tensor metadata} for the tensors saved under the "model" key."""
+    return {key[len("model."):]: meta for key, meta in read_metadata(ckpt_dir).state_dict_metadata.items()
+            if key.startswith("model.") and hasattr(meta, "size")}
+
+
+def model_mismatches(saved: dict, model) -> tuple[list[str], list[str]]:
+    """The one shape check of a checkpoint against a model (preflight before a resume, and the rebuild
+    below). saved: saved_model_entries(ckpt_dir). Returns (the model's tensors the checkpoint lacks,
+    "name: [saved] saved, [shape] in the model" for each saved with another shape). A tied lm_head is the
+    embedding, so it need not be saved."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(saved))
+    wrong = [f"{k}: {list(saved[k].size)} saved, {list(shape)} in the model" for k, shape in expected.items()
+             if k in saved and tuple(saved[k].size) != shape]
+    return missing, wrong
+
+
+def _dcp_load_in_place(state_dict: dict[str, torch.Tensor], ckpt_dir: Path) -> None:
+    """Read only these "model" entries into the given tensors, in one process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed.*")
+        dcp.load({"model": state_dict}, checkpoint_id=str(ckpt_dir), no_dist=True)
+
+
+def _meta_modules_by_size(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that still own unallocated (meta) tensors, largest first."""
+    owners = [m for m in model.modules()
+              if any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+    return sorted(owners, key=size, reverse=True)
+
+
+def _load_full_model(ckpt_dir: Path, params: dict):
+    """Build the model on the meta device and read the checkpoint into it, allocating as it reads.
+
+    DCP reads each tensor into a temporary of the same size before copying it into place. The largest
+    tensors (embedding, lm_head) are allocated and read first, one by one, while the rest of the model
+    is still on meta; then the rest is allocated and read in one pass. The peak is then about one copy
+    of the model plus one decoder-layer tensor, not plus the largest tensor."""
+    from recipes_core.models import build_model_from_config, reset_rotary_buffers
+
+    saved = saved_model_entries(ckpt_dir)
+    dtype = next(iter(saved.values())).properties.dtype
+    model = build_model_from_config(params["model_config"], device="meta", dtype=dtype).eval()
+    missing, wrong = model_mismatches(saved, model)
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint's 'model' lacks {len(missing)} weights the "
+                              f"model_config needs, e.g. {missing[:3]}; train_params.yaml and the shards "
+                              "do not belong together")
+    if wrong:
+        raise CheckpointError(f"{ckpt_dir}: {len(wrong)} saved tensors do not have the shapes model_config gives "
+                              f"(e.g. {wrong[0]}); train_params.yaml and the shards do not belong together")
+    # Tied: lm_head is the embedding (FSDP's state dict may list both names for the one tensor); read the
+    # embedding only, as from_pretrained would, so the folder stores one copy and stays tied.
+    tied = bool(model.config.tie_word_embeddings)
+    expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    names = {id(m): name for name, m in model.named_modules()}
+    while _meta_modules_by_size(model):
+        largest = _meta_modules_by_size(model)[0]
+        large = sum(p.numel() * p.element_size() for p in largest.parameters(recurse=False)) >= total // 20
+        batch = [largest] if large else _meta_modules_by_size(model)
+        for module in batch:
+            module.to_empty(device="cpu", recurse=False)
+        if tied:
+            model.tie_weights()  # lm_head shares the embedding just allocated
+        prefixes = tuple(f"{names[id(m)]}." if names[id(m)] else "" for m in batch)
+        state = {k: v for k, v in model.state_dict().items() if k in expected and k.startswith(prefixes)}
+        if state:
+            _dcp_load_in_place(state, ckpt_dir)
+    with torch.no_grad():
+        reset_rotary_buffers(model, "cpu")
+    return model
+
+
+def base_model_folder(model_source: dict) -> Path:
+    """The local Hugging Face folder the run started from (LoRA needs its weights)."""
+    from recipes_core.models import resolve_model_source
+
+    hf_dir = model_source.get("hf_dir")
+    if not hf_dir or not Path(hf_dir).exists():
+        hf_dir = resolve_model_source(model_source["kind"], model_source.get("path", ""),
+                                      model_source.get("tiny_variant", "instruct"))["hf_dir"]
+    return Path(hf_dir)
+
+
+def _load_lora_model(ckpt_dir: Path, params: dict):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base_dir = base_model_folder(params["model_source"])
+    dtype = next(iter(saved_model_entries(ckpt_dir).values())).properties.dtype
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    fields = {k: v for k, v in params["lora"].items() if k in LoraConfig.__dataclass_fields__}
+    model = get_peft_model(base, LoraConfig(**fields))
+    adapter = {key: value.clone() for key, value in get_peft_model_state_dict(model).items()}
+    _dcp_load_in_place(adapter, ckpt_dir)
+    set_peft_model_state_dict(model, adapter)
+    return model.eval()
+
+
+def load_model_from_checkpoint(checkpoint: str | Path):
+    """(model, train_params, step folder) from a complete checkpoint (a step folder, or a run folder's
+    `latest`), in one process. LoRA runs give a peft model around the base weights of model_source."""
+    ckpt_dir, _ = select_checkpoint(checkpoint)
+    require_complete(ckpt_dir)
+    params = load_train_params(ckpt_dir)
+    for key in ("model_config", "tokenizer"):
+        if not params.get(key):
+            raise CheckpointError(f"{ckpt_dir}/{TRAIN_PARAMS}: field '{key}' is missing or empty")
+    model = _load_lora_model(ckpt_dir, params) if params.get("lora") else _load_full_model(ckpt_dir, params)
+    return model, params, ckpt_dir
 
 
 # ----- sizes -------------------------------------------------------------------------------------------
@@ -454,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="parameter counts on paper, e.g. 7B 8B 70B or 1.5e9 (default: 7B 8B 70B)")
     args = parser.parse_args(argv)
     if args.dir:
-        ckpt = resolve_checkpoint(args.dir)
+        ckpt, _ = select_checkpoint(args.dir)
         require_complete(ckpt)
         print(format_size_report(size_report(ckpt)))
     if args.params is not None or not args.dir:

@@ -216,17 +216,17 @@ def compare_tokenizers(a, b, title: str = "tokenizers") -> Report:
 def check_checkpoint(path) -> Report:
     """Complete or not (.metadata and every shard it names), what it holds (model, optimizer, step),
     and its size against the prediction (4 B/param weights, 8 B/trainable param for AdamW)."""
-    from recipes_core.checkpoint import (CheckpointError, incomplete_reasons, load_train_params, measured_sizes, read_metadata,
-                                         resolve_checkpoint, size_report)
+    from recipes_core.checkpoint import (METADATA, CheckpointError, incomplete_reasons, load_train_params, measured_sizes,
+                                         read_metadata, select_checkpoint, size_report)
     from recipes_core.safety import CodeInCheckpointError, UnsafeCheckpointError
 
     try:
-        ckpt_dir = resolve_checkpoint(path)
+        ckpt_dir, _ = select_checkpoint(path)
     except CheckpointError as err:  # a run folder whose `latest` is damaged: a finding like any other
         report = Report(f"checkpoint {path}")
         report.add("error", str(err))
         return report
-    if (ckpt_dir / ".metadata").is_file():
+    if (ckpt_dir / METADATA).is_file():
         try:
             read_metadata(ckpt_dir)
         except CodeInCheckpointError:
@@ -266,19 +266,10 @@ def check_checkpoint(path) -> Report:
 # ---------------------------------------------------------------- models: template, stop ids, echo
 
 
-def end_of_turn_token(tokenizer) -> str | None:
-    """The text the chat template puts right after an assistant answer (<|eot_id|>, <|im_end|>)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    answer = "Paris"
-    messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": answer}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    after = text[text.rindex(answer) + len(answer):].split()
-    return after[0] if after else None
-
-
 def check_model_setup(tokenizer, generation_config, title: str = "model setup") -> Report:
     """Chat template present, the stop ids include end of turn, pad vs eos, base or instruct."""
+    from recipes_core.preprocess import end_of_turn_token
+
     report = Report(title)
     eos = generation_config.eos_token_id if generation_config is not None else None
     stop_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])

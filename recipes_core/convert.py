@@ -11,161 +11,36 @@ tokenizer files with the chat template, all taken from the checkpoint's train_pa
 Memory: the model is built on the meta device, materialised once, and the checkpoint's "model" entries
 are read straight into those tensors (optimizer state in the same checkpoint is never read); the
 weights are then written from those same tensors. Peak memory stays close to one copy of the model.
-No process group is needed. The folder is written under a temporary name and renamed at the end, so
-a folder named OUT is always complete. OUT never replaces its own input: an OUT that is, holds or lies
+No process group is needed. Reading the checkpoint back into a model is recipes_core.checkpoint's
+(load_model_from_checkpoint); this module writes the Hugging Face folder and verifies it. The folder is
+written under a temporary name and renamed at the end (paths.written_atomically), so a folder named OUT
+is always complete. OUT never replaces its own input: an OUT that is, holds or lies
 inside the checkpoint, or that is another entry of its run folder (a step_<k>, `latest`), is refused
 with or without --overwrite (check_output_location).
 """
 
 from __future__ import annotations
 
-from recipes_core.errors import UserError, command
-
 import argparse
-import os
-import shutil
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
-from recipes_core.checkpoint import (METADATA, TRAIN_PARAMS, CheckpointError, is_run_folder, load_train_params,
-                                     read_metadata, require_complete, resolve_checkpoint)
-from recipes_core.errors import UserError
-from recipes_core.paths import UnsafeOutputError, overlap, refuse_overlap
-from recipes_core.models import build_model_from_config, reset_rotary_buffers, resolve_model_source
-from recipes_core.tokens import end_token_ids, load_tokenizer
+from recipes_core.checkpoint import (METADATA, base_model_folder, is_run_folder, load_model_from_checkpoint,
+                                     select_checkpoint)
+from recipes_core.errors import UserError, command
+from recipes_core.models import reset_rotary_buffers
+from recipes_core.paths import UnsafeOutputError, overlap, refuse_overlap, written_atomically
+from recipes_core.tokens import generation_config, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class OutputExistsError(UserError, FileExistsError):
     """The output folder exists and --overwrite was not given."""
-
-
-# ---------------------------------------------------------------- reading the checkpoint folder
-
-
-def saved_model_entries(ckpt_dir: str | Path) -> dict:
-    """{fqn inside "model": tensor metadata} for the tensors saved under the "model" key."""
-    return {key[len("model."):]: meta for key, meta in read_metadata(ckpt_dir).state_dict_metadata.items()
-            if key.startswith("model.")}
-
-
-def _dcp_load_in_place(state_dict: dict[str, torch.Tensor], ckpt_dir: Path) -> None:
-    """Read only these "model" entries into the given tensors, in one process."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed.*")
-        dcp.load({"model": state_dict}, checkpoint_id=str(ckpt_dir), no_dist=True)
-
-
-# ---------------------------------------------------------------- rebuilding the model
-
-
-def _meta_modules_by_size(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules that still own unallocated (meta) tensors, largest first."""
-    owners = [m for m in model.modules()
-              if any(t.is_meta for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])]
-    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
-    return sorted(owners, key=size, reverse=True)
-
-
-def _load_full_model(ckpt_dir: Path, params: dict) -> PreTrainedModel:
-    """Build the model on the meta device and read the checkpoint into it, allocating as it reads.
-
-    DCP reads each tensor into a temporary of the same size before copying it into place. The largest
-    tensors (embedding, lm_head) are allocated and read first, one by one, while the rest of the model
-    is still on meta; then the rest is allocated and read in one pass. The peak is then about one copy
-    of the model plus one decoder-layer tensor, not plus the largest tensor."""
-    saved = saved_model_entries(ckpt_dir)
-    dtype = next(iter(saved.values())).properties.dtype
-    model = build_model_from_config(params["model_config"], device="meta", dtype=dtype).eval()
-    # Tied: lm_head is the embedding (FSDP's state dict may list both names for the one tensor); read the
-    # embedding only, as from_pretrained would, so the folder stores one copy and stays tied.
-    tied = bool(model.config.tie_word_embeddings)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    missing = sorted(set(expected) - set(saved))
-    if missing:
-        raise CheckpointError(f"{ckpt_dir}: the checkpoint's 'model' lacks {len(missing)} weights the "
-                              f"model_config needs, e.g. {missing[:3]}; train_params.yaml and the shards "
-                              "do not belong together")
-    wrong = [f"{k}: {list(saved[k].size)} saved, {list(shape)} in model_config" for k, shape in expected.items()
-             if tuple(saved[k].size) != shape]
-    if wrong:
-        raise CheckpointError(f"{ckpt_dir}: {len(wrong)} saved tensors do not have the shapes model_config gives "
-                              f"(e.g. {wrong[0]}); train_params.yaml and the shards do not belong together")
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    names = {id(m): name for name, m in model.named_modules()}
-    while _meta_modules_by_size(model):
-        largest = _meta_modules_by_size(model)[0]
-        large = sum(p.numel() * p.element_size() for p in largest.parameters(recurse=False)) >= total // 20
-        batch = [largest] if large else _meta_modules_by_size(model)
-        for module in batch:
-            module.to_empty(device="cpu", recurse=False)
-        if tied:
-            model.tie_weights()  # lm_head shares the embedding just allocated
-        prefixes = tuple(f"{names[id(m)]}." if names[id(m)] else "" for m in batch)
-        state = {k: v for k, v in model.state_dict().items() if k in expected and k.startswith(prefixes)}
-        if state:
-            _dcp_load_in_place(state, ckpt_dir)
-    with torch.no_grad():
-        reset_rotary_buffers(model, "cpu")
-    return model
-
-
-def base_model_folder(model_source: dict) -> Path:
-    """The local Hugging Face folder the run started from (LoRA needs its weights)."""
-    hf_dir = model_source.get("hf_dir")
-    if not hf_dir or not Path(hf_dir).exists():
-        hf_dir = resolve_model_source(model_source["kind"], model_source.get("path", ""),
-                                      model_source.get("tiny_variant", "instruct"))["hf_dir"]
-    return Path(hf_dir)
-
-
-def _load_lora_model(ckpt_dir: Path, params: dict):
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    base_dir = base_model_folder(params["model_source"])
-    dtype = next(iter(saved_model_entries(ckpt_dir).values())).properties.dtype
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
-    fields = {k: v for k, v in params["lora"].items() if k in LoraConfig.__dataclass_fields__}
-    model = get_peft_model(base, LoraConfig(**fields))
-    adapter = {key: value.clone() for key, value in get_peft_model_state_dict(model).items()}
-    _dcp_load_in_place(adapter, ckpt_dir)
-    set_peft_model_state_dict(model, adapter)
-    return model.eval()
-
-
-def load_model_from_checkpoint(checkpoint: str | Path):
-    """(model, train_params, step folder) from a complete checkpoint, in one process.
-    LoRA runs give a peft model around the base weights of model_source."""
-    ckpt_dir = resolve_checkpoint(checkpoint)
-    require_complete(ckpt_dir)
-    params = load_train_params(ckpt_dir)
-    for key in ("model_config", "tokenizer"):
-        if not params.get(key):
-            raise CheckpointError(f"{ckpt_dir}/{TRAIN_PARAMS}: field '{key}' is missing or empty")
-    model = _load_lora_model(ckpt_dir, params) if params.get("lora") else _load_full_model(ckpt_dir, params)
-    return model, params, ckpt_dir
-
-
-# ---------------------------------------------------------------- tokenizer and generation config
-
-
-def generation_config_for(tokenizer, model_source: dict | None = None) -> GenerationConfig:
-    """The source model's generation config (if it has one) with eos_token_id set to every end id."""
-    config = GenerationConfig()
-    source = Path((model_source or {}).get("hf_dir", ""))
-    if (source / "generation_config.json").is_file():
-        config = GenerationConfig.from_pretrained(str(source))
-    config.eos_token_id = end_token_ids(tokenizer, config)
-    config.bos_token_id = tokenizer.bos_token_id
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.eos_token_id[0]
-    return config
 
 
 # ---------------------------------------------------------------- writing the folder
@@ -186,23 +61,6 @@ class ConvertResult:
         if self.max_abs_diff is not None:
             lines.append(f"  verify: max |logits difference| = {self.max_abs_diff:.3g}")
         return "\n".join(lines)
-
-
-def _temporary_sibling(out_dir: Path) -> Path:
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished temporary folder to its final name (replacing the old one if allowed)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def check_output_location(out_dir: Path, ckpt_dir: Path) -> None:
@@ -233,7 +91,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
     if lora not in ("merge", "adapter"):
         raise ValueError(f"lora {lora!r}: choose 'merge' (one full model) or 'adapter' (a peft adapter folder)")
     out_dir = Path(out_dir)
-    ckpt_dir = resolve_checkpoint(checkpoint)
+    ckpt_dir, _ = select_checkpoint(checkpoint)
     check_output_location(out_dir, ckpt_dir)  # before --overwrite may remove anything
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
@@ -243,10 +101,9 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
     if is_lora and lora == "merge":
         model = model.merge_and_unload()
     model.to(DTYPES[dtype])
-    model.generation_config = generation_config_for(tokenizer, params.get("model_source"))
+    model.generation_config = generation_config(tokenizer, (params.get("model_source") or {}).get("hf_dir"))
 
-    tmp = _temporary_sibling(out_dir)
-    try:
+    with written_atomically(out_dir) as tmp:  # OUT appears complete and verified, or not at all
         if is_lora and lora == "adapter":
             model.peft_config["default"].base_model_name_or_path = str(base_model_folder(params["model_source"]))
             model.save_pretrained(str(tmp))
@@ -257,10 +114,6 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
         result = ConvertResult(out_dir, ckpt_dir, params.get("step"), dtype, sorted(p.name for p in tmp.iterdir()))
         if verify:  # a LoRA run is checked against a fresh, unmerged rebuild: that checks the merge too
             result.max_abs_diff = verify_conversion(tmp, ckpt_dir if is_lora else model, tokenizer)
-        _publish(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -276,13 +276,13 @@ def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
 
 
 def load_full_weights_from_rank0(model: nn.Module, full_state_dict: dict | None, device: torch.device,
-                                 cpu_offload: bool = False) -> None:
-    """Allocate this rank's shards and fill them: rank 0 passes the full state dict, the others None."""
+                                 cpu_offload: bool = False, *, reset_buffers) -> None:
+    """Allocate this rank's shards and fill them: rank 0 passes the full state dict, the others None.
+    reset_buffers(model, device) recomputes the buffers no state dict holds, which to_empty left as
+    garbage (models.reset_rotary_buffers for Hugging Face models): the model layer knows them, not this one."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from recipes_core.models import reset_rotary_buffers
 
     model.to_empty(device="cpu" if cpu_offload else device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=cpu_offload)
     set_model_state_dict(model, full_state_dict or {}, options=options)
-    reset_rotary_buffers(model, device)
+    reset_buffers(model, device)

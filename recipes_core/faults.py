@@ -5,7 +5,8 @@ Off unless an environment variable asks for it; each switch costs one dictionary
     RECIPES_FAULT_KILL_AT_STEP=<k>   SIGKILL this process right after optimizer step k (before step k's
                                      checkpoint, so the work since the last checkpoint is lost)
     RECIPES_FAULT_KILL_IN_SAVE=<k>   SIGKILL this process while checkpoint step_<k> is being saved: the
-                                     shards and .metadata are in .tmp_step_<k>/, the rename has not happened
+                                     shards and .metadata are in the save folder (checkpoint.tmp_step_dir),
+                                     the rename has not happened
     RECIPES_FAULT_RANK=<r>           the global rank that is killed (default 0)
     RECIPES_FAULT_DISK_FREE_BYTES=<n>  preflight sees n bytes free on the output disk (a full disk without
                                      filling one)
@@ -28,14 +29,15 @@ FAULT_RANK = "RECIPES_FAULT_RANK"
 DISK_FREE_BYTES = "RECIPES_FAULT_DISK_FREE_BYTES"
 
 
-def _kill_once(name: str, switch: str, step: int, rank: int, output_dir: str | Path) -> None:
+def _kill_once(name: str, switch: str, step: int, rank: int, output_dir: str | Path,
+               listed: Path | None = None) -> None:
     wanted = os.environ.get(switch)
     if not wanted or int(wanted) != step or int(os.environ.get(FAULT_RANK, "0")) != rank:
         return
     marker = Path(output_dir) / f".fault_{name}_{step}"
     if marker.exists():
         return
-    files = sorted(p.name for p in (Path(output_dir) / f".tmp_step_{step}").glob("*")) if name == "kill_in_save" else []
+    files = sorted(p.name for p in listed.glob("*")) if listed is not None else []  # what the marker records
     marker.write_text(f"rank {rank} killed by {switch}={step} (pid {os.getpid()})\n"
                       + "".join(f"{f}\n" for f in files), encoding="utf-8")
     print(f"FAULT: {switch}={step}: SIGKILL rank {rank} (pid {os.getpid()})", flush=True)
@@ -57,9 +59,11 @@ def arm_kill_at_step(optimizer, first_step: int, rank: int, output_dir: str | Pa
     optimizer.register_step_post_hook(lambda *_: at_step(next(steps), rank, output_dir))
 
 
-def in_save(step: int, rank: int, output_dir: str | Path) -> None:
-    """Called by save_checkpoint after the shards are written, before the folder is renamed."""
-    _kill_once("kill_in_save", KILL_IN_SAVE, step, rank, output_dir)
+
+def in_save(step: int, rank: int, output_dir: str | Path, save_folder: str | Path) -> None:
+    """Called by save_checkpoint after the shards are written into save_folder, before it is renamed (the
+    marker lists the files that were there)."""
+    _kill_once("kill_in_save", KILL_IN_SAVE, step, rank, output_dir, Path(save_folder))
 
 
 def disk_free_bytes(path: str | Path) -> int:

@@ -46,7 +46,8 @@ from recipes_core.errors import command
 from recipes_core.lora import add_lora, lora_fields
 from recipes_core.loss import chunked_token_loss_sum
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
-from recipes_core.models import build_model_from_config, load_full_model, load_model_config, resolve_model_source
+from recipes_core.models import (build_model_from_config, load_full_model, load_model_config, reset_rotary_buffers,
+                                 resolve_model_source)
 from recipes_core.preprocess import today_for_templates, tokenize_file
 from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
@@ -198,7 +199,7 @@ def resume_folder(cfg: Config, env: D.DistEnv) -> Path | None:
     if not cfg.checkpoint.resume:
         return None
     out = Path(cfg.checkpoint.output_dir)
-    chosen = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    chosen, _ = ckpt.select_checkpoint(cfg.checkpoint.resume, out)  # preflight's choice, same rule
     if chosen is None and env.is_main:
         print(f"resume=auto: no checkpoint under {out} yet; starting fresh")
     return chosen
@@ -239,7 +240,7 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
         print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
     D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
                   cfg.fsdp.reshard_after_forward)
-    D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload)
+    D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
     del full_state
     model.train()
     return model, precision, dict(zip(mesh.mesh_dim_names, mesh.shape))

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, TextStreamer
 
-from recipes_core.convert import generation_config_for, load_model_from_checkpoint
+from recipes_core.checkpoint import load_model_from_checkpoint
 from recipes_core.data import DataFormatError, read_text
 from recipes_core.models import check_model_folder
-from recipes_core.tokens import end_token_ids, load_tokenizer
+from recipes_core.tokens import generation_config, load_tokenizer
 
 MODES = ("chat", "completion")
 
@@ -51,7 +51,7 @@ def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32):
     if params.get("lora"):
         model = model.merge_and_unload()
     tokenizer = load_tokenizer(params["tokenizer"])
-    model.generation_config = generation_config_for(tokenizer, params.get("model_source"))
+    model.generation_config = generation_config(tokenizer, (params.get("model_source") or {}).get("hf_dir"))
     return model.to(dtype).eval(), tokenizer
 
 
@@ -80,10 +80,9 @@ def render_prompts(tokenizer, prompts: list, mode: str = "chat", system: str | N
 
 def generation_settings(model, tokenizer, max_new_tokens: int, do_sample: bool, temperature: float,
                         top_p: float) -> GenerationConfig:
-    """The model's generation config with the stop ids set to every end id and explicit decoding."""
-    config = GenerationConfig.from_dict(model.generation_config.to_dict())
-    config.eos_token_id = end_token_ids(tokenizer, model.generation_config)
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.eos_token_id[0]
+    """The model's generation config with the stop ids set to every end id (tokens.generation_config) and
+    explicit decoding."""
+    config = generation_config(tokenizer, model.generation_config)
     config.max_new_tokens = max_new_tokens
     config.do_sample = do_sample
     if do_sample:

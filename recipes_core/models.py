@@ -19,14 +19,12 @@ config (build_model_from_config), shards it, and rank 0 alone reads the full sta
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from recipes_core.paths import refuse_overlap
+from recipes_core.paths import refuse_overlap, written_atomically
 from recipes_core.errors import UserError
 from recipes_core.tokens import load_tokenizer
 
@@ -87,12 +85,8 @@ def ensure_tiny(out_dir: str | Path = DEFAULT_TINY_DIR) -> dict[str, Path]:
         return paths
     from recipes_core.tiny import build_tiny
 
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)  # atomic: another process sees either nothing or the complete folders
+    with written_atomically(out) as tmp:  # another process sees either nothing or the complete folders
+        build_tiny(tmp)
     return paths
 
 
@@ -138,13 +132,10 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path | None = None, force: 
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
 
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / GGUF_MARKER).write_text(json.dumps(fingerprint))  # written last: the folder is complete
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with written_atomically(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_MARKER).write_text(json.dumps(fingerprint))  # written last: the folder is complete
     return out
 
 

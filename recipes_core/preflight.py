@@ -5,7 +5,7 @@ the first checkpoint) or with a traceback from deep inside torch (a mesh that do
 Two calls from recipes_core.finetune.train:
   check_start(cfg, env)   before anything is written or loaded: impossible config values, the HSDP mesh
                           against the world size, data files and model folder present, the output folder
-                          writable (stale `.tmp_step_*` folders of a crashed save are removed), and the
+                          writable (unfinished saves of a crashed run are removed), and the
                           checkpoint to resume from: safe to unpickle (restricted unpickler), complete, its
                           per-rank RNG file loadable with weights_only=True
   check_run(cfg, env, tokenizer, tokenizer_dir, model_config)
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from recipes_core.errors import UserError, one_line
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -127,44 +126,39 @@ def output_dir_errors(out: Path, rank: int) -> list[str]:
     return []
 
 
-def remove_stale_tmp(out: Path) -> list[Path]:
-    """Folders of saves that never finished (a crash between writing the shards and the rename)."""
-    stale = sorted(out.glob(".tmp_step_*"))
-    for folder in stale:
-        shutil.rmtree(folder, ignore_errors=True)
-    return stale
-
-
 def resume_errors(cfg, out: Path, rank: int) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about the checkpoint checkpoint.resume would load."""
+    """(errors, warnings) about the checkpoint checkpoint.resume would load (checkpoint.select_checkpoint,
+    the same rule the trainer then follows)."""
     from recipes_core import checkpoint as ckpt
-    from recipes_core.safety import (CodeInCheckpointError, UnsafeCheckpointError, check_checkpoint_metadata,
-                                     load_torch_file)
+    from recipes_core.safety import CodeInCheckpointError, UnsafeCheckpointError, load_torch_file
 
     errors, warnings = [], []
-    if not cfg.checkpoint.resume:
+    resume = cfg.checkpoint.resume
+    if not resume:
         return errors, warnings
-    if cfg.checkpoint.resume == "auto":
-        # checkpoint.choose_latest says what it passed over (a damaged `latest`, train_params.yaml, shard)
-        chosen, notes = ckpt.choose_latest(out) if out.is_dir() else (None, [])
-        warnings += [f"resume=auto: {one_line(note)}" for note in notes]
+    if resume != "auto" and not Path(resume).is_dir():
+        return [f"checkpoint.resume={resume}: no such folder; give a step_<k> folder or use auto"], warnings
+    try:
+        chosen, notes = ckpt.select_checkpoint(resume, out)
+    except ckpt.CheckpointError as err:  # a run folder whose `latest` is damaged: a path is taken strictly
+        return [f"checkpoint.resume={resume}: {err}"], warnings
+    # select_checkpoint says what resume=auto passed over (a damaged `latest`, train_params.yaml, shard)
+    warnings += [f"resume=auto: {one_line(note)}" for note in notes]
+    if resume == "auto":
         newer = [p for p in (ckpt.list_step_dirs(out) if out.is_dir() else [])
                  if chosen is None or ckpt.step_number(p) > ckpt.step_number(chosen)]
         for folder in newer:  # passed over: refuse outright if its .metadata carries code
             try:
-                check_checkpoint_metadata(folder)
+                ckpt.read_metadata(folder)
             except CodeInCheckpointError as err:
                 errors.append(f"checkpoint.resume=auto: {err} Remove {folder} before resuming")
                 return errors, warnings
             except (UnsafeCheckpointError, FileNotFoundError):
-                pass  # damaged or unfinished: choose_latest's notes say so
+                pass  # damaged or unfinished: the notes say so
     else:
-        chosen = Path(cfg.checkpoint.resume)
-        if not chosen.is_dir():
-            return [f"checkpoint.resume={chosen}: no such folder; give a step_<k> folder or use auto"], warnings
         reasons = ckpt.incomplete_reasons(chosen)  # a path given by hand: damaged is an error, no fallback
         if reasons:
-            return [f"checkpoint.resume={chosen}: not a complete checkpoint: {reasons[0]}"], warnings
+            return [f"checkpoint.resume={resume}: not a complete checkpoint: {reasons[0]}"], warnings
     if chosen is not None:
         rng = chosen / f"rng_rank{rank}.pt"
         if rng.is_file():
@@ -196,7 +190,9 @@ def check_start(cfg, env) -> None:
                 print(f"WARNING: {line}", file=sys.stderr)
     agree(errors, env)
     if env.is_main:
-        for folder in remove_stale_tmp(out):
+        from recipes_core.checkpoint import remove_unfinished_saves
+
+        for folder in remove_unfinished_saves(out):
             print(f"preflight: removed {folder}, an unfinished save of an earlier run", file=sys.stderr)
 
 
@@ -261,22 +257,18 @@ def disk_errors(cfg, model_config: dict) -> tuple[list[str], list[str]]:
 
 
 def shape_errors(cfg, model_config: dict) -> list[str]:
-    """The resume checkpoint's model tensors against the shapes this model config builds."""
+    """The resume checkpoint's model tensors against the shapes this model config builds (the check
+    checkpoint.model_mismatches makes, here before any rank loads a byte)."""
     from recipes_core import checkpoint as ckpt
     from recipes_core.models import build_model_from_config
 
     if not cfg.checkpoint.resume or cfg.lora.enabled:
         return []
-    out = Path(cfg.checkpoint.output_dir)
-    chosen = ckpt.find_latest(out) if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+    chosen, _ = ckpt.select_checkpoint(cfg.checkpoint.resume, cfg.checkpoint.output_dir)
     if chosen is None:
         return []
-    saved = {key[len("model."):]: meta.size for key, meta in ckpt.read_metadata(chosen).state_dict_metadata.items()
-             if key.startswith("model.") and hasattr(meta, "size")}
-    expected = {name: t.shape for name, t in build_model_from_config(model_config, "meta").state_dict().items()}
-    wrong = [f"{name} is {list(saved[name])} in the checkpoint, {list(shape)} in the model"
-             for name, shape in expected.items() if name in saved and tuple(saved[name]) != tuple(shape)]
-    missing = [name for name in expected if name not in saved and name != "lm_head.weight"]
+    missing, wrong = ckpt.model_mismatches(ckpt.saved_model_entries(chosen),
+                                           build_model_from_config(model_config, "meta"))
     if wrong:
         return [f"checkpoint.resume: {chosen} does not fit the model config ({len(wrong)} tensors differ, e.g. "
                 f"{wrong[0]}); resume with the model it was trained from"]

@@ -138,12 +138,28 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict],
         if offset < 0:
             raise ValueError(f"assistant turn {i}: its content does not appear in the rendered template")
         end = offset + len(content)
-        rest = turn[end:]
-        marker = rest.split()[0] if rest.strip() else ""
+        marker = end_of_turn_marker(turn[end:])
         if marker:
             end = turn.index(marker, end) + len(marker)
         spans.append((len(prompt) + offset, len(prompt) + end))
     return text, spans
+
+
+def end_of_turn_marker(after_content: str) -> str:
+    """The one guess at a template's end-of-turn marker: what follows an assistant's content up to the next
+    whitespace (<|eot_id|> in Llama 3, <|im_end|> in ChatML); "" when nothing follows."""
+    return after_content.split()[0] if after_content.strip() else ""
+
+
+def end_of_turn_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The text the chat template puts right after an assistant answer (<|eot_id|>, <|im_end|>); None
+    without a chat template. The marker assistant_spans supervises, found the same way."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    answer = "Paris"
+    messages = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": answer}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return end_of_turn_marker(text[text.rindex(answer) + len(answer):]) or None
 
 
 def chat_template_vars(chat_date: str = "") -> dict:

@@ -1,12 +1,15 @@
 """The quickstart: the whole pipeline on the tiny model, on CPU, in a few minutes.
 
-    python -m recipes_core.quickstart [--out runs/quickstart] [--steps 100] [--eval-prompts 100]
+    python -m recipes_core.quickstart [--out runs/quickstart] [--steps 100] [--eval-prompts 100] [--prepare-only]
 
 1. generate the datasets and build the tiny base/instruct models
 2. score the held-out chat prompts with the instruct model as built (greedy exact match)
-3. fine-tune it on two ranks with FSDP (torchrun -m recipes_core.finetune, cookbook/quickstart.yaml)
+3. fine-tune it on two ranks with FSDP (torchrun -m recipes_core.finetune, recipes_core/configs/quickstart.yaml)
 4. convert the sharded checkpoint to a Hugging Face folder and verify its logits
 5. score the held-out prompts again with the converted folder; print both accuracies and the paths
+
+Everything it reads ships with the package (the dataset generator, the tiny model's corpus, the config), so
+an installed recipes_core runs it from any folder; the data is written to <out>/data unless --data is given.
 """
 
 from __future__ import annotations
@@ -19,20 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "cookbook"))
+from recipes_core.config import load_config
+from recipes_core.convert import convert
+from recipes_core.errors import UsageError, command
+from recipes_core.data import load_records
+from recipes_core.launch import launch_command
+from recipes_core.paths import refuse_overlap
+from recipes_core.infer import generate, load_for_inference
+from recipes_core.synthetic_data import write_all
+from recipes_core.tiny import build_tiny
 
-from make_datasets import write_all  # noqa: E402
-
-from recipes_core.convert import convert  # noqa: E402
-from recipes_core.errors import UsageError, command  # noqa: E402
-from recipes_core.data import load_records  # noqa: E402
-from recipes_core.launch import launch_command  # noqa: E402
-from recipes_core.paths import refuse_overlap  # noqa: E402
-from recipes_core.infer import generate, load_for_inference  # noqa: E402
-from recipes_core.tiny import build_tiny  # noqa: E402
-
-CONFIG = REPO / "cookbook" / "quickstart.yaml"
+CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"  # package data (pyproject.toml)
 
 
 def held_out(data_dir: Path, n: int) -> tuple[list[list[dict]], list[str]]:
@@ -53,16 +53,22 @@ def score(model_dir: Path, prompts: list, expected: list[str]) -> tuple[float, l
     return correct / len(expected), answers
 
 
+def finetune_args(model_dir: Path, data_dir: Path, output_dir: Path, steps: int) -> list[str]:
+    """The trainer's arguments: the packaged config, with this run's model, data and output folders."""
+    return ["--config", str(CONFIG), "model.source=hf", f"model.path={model_dir}", f"checkpoint.output_dir={output_dir}",
+            f"data.train_path={data_dir / 'chat_train.jsonl'}", f"data.eval_path={data_dir / 'chat_eval.jsonl'}",
+            f"train.max_steps={steps}"]
+
+
 def finetune(model_dir: Path, data_dir: Path, output_dir: Path, steps: int, nproc: int, log_path: Path) -> None:
     """torchrun the trainer; print a progress line from its metrics file every few steps."""
-    command = launch_command(nproc, "recipes_core.finetune", [
-        "--config", str(CONFIG), "model.source=hf", f"model.path={model_dir}", f"checkpoint.output_dir={output_dir}",
-        f"data.train_path={data_dir / 'chat_train.jsonl'}", f"data.eval_path={data_dir / 'chat_eval.jsonl'}",
-        f"train.max_steps={steps}"])  # torchrun --nproc_per_node N -m recipes_core.finetune ... on a free port
+    # torchrun --nproc_per_node N -m recipes_core.finetune ... on a free port
+    command = launch_command(nproc, "recipes_core.finetune", finetune_args(model_dir, data_dir, output_dir, steps))
     metrics = output_dir / "metrics.jsonl"
     seen = 0
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        # every path is absolute: the trainer runs in the output folder, not in a source checkout
+        process = subprocess.Popen(command, cwd=output_dir.parent, stdout=log, stderr=subprocess.STDOUT)
         running = True
         while running:
             running = process.poll() is None
@@ -85,15 +91,21 @@ def _complete_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
-def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, nproc: int = 2) -> dict:
-    """The pipeline; returns (and writes to out/summary.json) the accuracies, times and paths."""
+def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, nproc: int = 2,
+        prepare_only: bool = False) -> dict:
+    """The pipeline; returns (and writes to out/summary.json) the accuracies, times and paths.
+    prepare_only: stop after step 1 (data, models, and the fine-tuning config loaded and checked)."""
     started = time.perf_counter()
-    out, data_dir = out.resolve(), data_dir.resolve()  # the trainer runs from the repository root
+    out, data_dir = out.resolve(), data_dir.resolve()  # the trainer runs in another folder
     out.mkdir(parents=True, exist_ok=True)
     print("[1/5] generating the datasets and building the tiny models ...", flush=True)
     write_all(data_dir)
-    instruct = build_tiny(out / "models", data_dir)["instruct"]
+    instruct = build_tiny(out / "models")["instruct"]  # its tokenizer's corpus is generated in memory
     prompts, expected = held_out(data_dir, eval_prompts)
+    if prepare_only:
+        load_config(CONFIG, finetune_args(instruct, data_dir, out / "checkpoints", steps)[2:])  # raises if wrong
+        return {"models": str(out / "models"), "data": str(data_dir), "config": str(CONFIG),
+                "eval_prompts": len(prompts)}
 
     print(f"[2/5] scoring {len(prompts)} held-out chat prompts before fine-tuning ...", flush=True)
     before, _ = score(instruct, prompts, expected)
@@ -128,15 +140,21 @@ def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, np
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/quickstart")
-    parser.add_argument("--data", default=str(REPO / "cookbook" / "data"))
+    parser.add_argument("--data", default=None, help="where the datasets are written (default: OUT/data)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=100)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the data and build the tiny models, check the fine-tuning config, and stop")
     args = parser.parse_args(argv)
     for option in ("steps", "eval_prompts", "nproc"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be at least 1")
-    summary = run(Path(args.out), Path(args.data), args.steps, args.eval_prompts, args.nproc)
+    data = Path(args.data) if args.data else Path(args.out) / "data"
+    summary = run(Path(args.out), data, args.steps, args.eval_prompts, args.nproc, args.prepare_only)
+    if args.prepare_only:
+        print(f"prepared: data {summary['data']}, models {summary['models']}, config {summary['config']}")
+        return 0
     print(f"\nheld-out exact match: {summary['accuracy_before']:.1%} before -> {summary['accuracy_after']:.1%} "
           f"after fine-tuning ({summary['eval_prompts']} prompts), in {summary['wall_s']:.0f} s")
     for row in [json.loads(line) for line in Path(summary["answers"]).read_text().splitlines()[:3]]:

@@ -18,15 +18,11 @@ from pathlib import Path
 
 import torch
 
-# (module, name) pairs a DCP .metadata pickle is built from, as written by torch 2.13.
-ALLOWED_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex",
-        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
+from recipes_core.torch_internals import DCP_METADATA_GLOBALS
+
+# (module, name) pairs a DCP .metadata pickle is built from: torch's own (some private, so fenced and checked
+# against the installed torch in torch_internals) and the plain Python containers and paths it holds.
+ALLOWED_GLOBALS = DCP_METADATA_GLOBALS | {
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
     ("collections", "OrderedDict"),
     ("builtins", "set"), ("builtins", "frozenset"),

@@ -1,6 +1,6 @@
 """Build the tiny Llama-3-style models offline and deterministically.
 
-    python -m recipes_core.tiny [--out models/tiny] [--data cookbook/data]
+    python -m recipes_core.tiny [--out models/tiny] [--data DIR]
 
 Writes two ordinary Hugging Face folders that AutoTokenizer / AutoModelForCausalLM load:
   base/      tokenizer without chat template, eos <|end_of_text|>, and the tiny LlamaForCausalLM
@@ -8,7 +8,8 @@ Writes two ordinary Hugging Face folders that AutoTokenizer / AutoModelForCausal
 
 As in the real Llama 3 families, base and instruct share one vocabulary byte for byte: only the chat
 template and the stop tokens differ. The tokenizer is a byte-level BPE trained on the project's
-generated corpus, with the Llama 3 pre-tokenizer pattern and special tokens plus a dedicated pad token.
+generated corpus (recipes_core.synthetic_data, in memory: no files needed), with the Llama 3 pre-tokenizer
+pattern and special tokens plus a dedicated pad token.
 """
 
 from __future__ import annotations
@@ -39,9 +40,8 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "cookbook" / "data"
-# The files the tokenizer is trained on, named rather than globbed: a dataset added to cookbook/data later
-# (reviews_*.jsonl, your own) must not change the vocabulary, and so every token id the notebooks show.
+# The files the tokenizer is trained on, named rather than globbed: a dataset added later (reviews_*.jsonl,
+# your own) must not change the vocabulary, and so every token id the notebooks show.
 TOKENIZER_CORPUS = ("alpaca_train.jsonl", "chat_train.jsonl", "pawsx_train.jsonl")
 
 
@@ -55,8 +55,10 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**settings)
 
 
-def corpus_texts(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[str]:
-    """Every string in the TOKENIZER_CORPUS train files, in a fixed order (the BPE merges depend on it)."""
+def corpus_texts(data_dir: str | Path | None = None) -> list[str]:
+    """Every string in the TOKENIZER_CORPUS train files, in a fixed order (the BPE merges depend on it).
+    data_dir None: the rows recipes_core.synthetic_data generates (seed 0), the same rows as the files it
+    writes, so the tokenizer is byte-identical either way."""
     texts: list[str] = []
 
     def collect(value):
@@ -69,14 +71,23 @@ def corpus_texts(data_dir: str | Path = DEFAULT_DATA_DIR) -> list[str]:
             for item in value:
                 collect(item)
 
-    files = [Path(data_dir) / name for name in TOKENIZER_CORPUS]
-    missing = [str(path) for path in files if not path.exists()]
-    if missing:
-        raise FileNotFoundError(f"{', '.join(missing)}: missing; run `python cookbook/make_datasets.py`")
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                collect(json.loads(line))
+    if data_dir is None:
+        from recipes_core.synthetic_data import build_all
+
+        generated = build_all(seed=0)
+        rows = [row for name in TOKENIZER_CORPUS for row in generated[name]]
+    else:
+        files = [Path(data_dir) / name for name in TOKENIZER_CORPUS]
+        missing = [str(path) for path in files if not path.exists()]
+        if missing:
+            raise FileNotFoundError(f"{', '.join(missing)}: missing; write them with "
+                                    "`python -m recipes_core.synthetic_data --out DIR`, or pass no data folder")
+        rows = []
+        for path in files:
+            with open(path, encoding="utf-8") as f:
+                rows += [json.loads(line) for line in f]
+    for row in rows:
+        collect(row)
     # The prompt scaffolding the preprocessors add, so it gets merges too.
     from recipes_core.preprocess import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, CLASSIFICATION_PROMPT
     texts += [ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, CLASSIFICATION_PROMPT, "system", "user", "assistant"]
@@ -110,9 +121,10 @@ def wrap(tokenizer: Tokenizer, instruct: bool) -> PreTrainedTokenizerFast:
     return hf
 
 
-def build_tiny(out_dir: str | Path = "models/tiny", data_dir: str | Path = DEFAULT_DATA_DIR,
+def build_tiny(out_dir: str | Path = "models/tiny", data_dir: str | Path | None = None,
                vocab_size: int = 1024, seed: int = 0, **model_overrides) -> dict[str, Path]:
-    """Build base/ and instruct/ under out_dir; returns their paths. Same inputs, same bytes."""
+    """Build base/ and instruct/ under out_dir; returns their paths. Same inputs, same bytes. The tokenizer
+    is trained on data_dir's files, or (None) on the same rows generated in memory."""
     out = Path(out_dir)
     tokenizer = train_tokenizer(corpus_texts(data_dir), vocab_size)
     config = tiny_llama_config(tokenizer.get_vocab_size(), bos_token_id=tokenizer.token_to_id(BOS),
@@ -138,7 +150,8 @@ def build_tiny(out_dir: str | Path = "models/tiny", data_dir: str | Path = DEFAU
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the tiny Llama-3-style base and instruct models.")
     parser.add_argument("--out", default="models/tiny")
-    parser.add_argument("--data", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--data", default=None, help="train the tokenizer on this folder's files (default: the "
+                        "generated datasets, in memory)")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -78,6 +78,26 @@ def end_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config=None) ->
     return ids
 
 
+def generation_config(tokenizer: PreTrainedTokenizerBase, base=None):
+    """The one place generation's stop, bos and pad ids are set (convert writes the result as
+    generation_config.json; infer generates with it). A copy of `base` (a GenerationConfig, or a model
+    folder whose generation_config.json is read when it has one) with eos_token_id = every end id
+    (end_token_ids), bos from the tokenizer, and pad = the tokenizer's pad token, else the first end id."""
+    from transformers import GenerationConfig
+
+    if isinstance(base, GenerationConfig):
+        config = GenerationConfig.from_dict(base.to_dict())
+    elif base and (Path(base) / "generation_config.json").is_file():
+        config = GenerationConfig.from_pretrained(str(base))
+    else:
+        config = GenerationConfig()
+    config.eos_token_id = end_token_ids(tokenizer, config)
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.eos_token_id[0]
+    return config
+
+
 def gguf_tokenizer(gguf_path: str | Path, out_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
     """The fast tokenizer stored in a GGUF file (a model, or one of llama.cpp's vocab-only files).
 

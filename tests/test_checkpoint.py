@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from recipes_core.checkpoint import (PAPER_MODELS, CheckpointError, _weights_only_planner, find_latest, is_complete,
+from recipes_core.checkpoint import (PAPER_MODELS, CheckpointError, find_latest, is_complete,
                                      load_train_params, measured_sizes, predict_sizes, rng_state, set_rng_state)
+from recipes_core.torch_internals import weights_only_load_planner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,13 +96,13 @@ def test_loading_never_unpickles_code(tmp_path):
     dcp.save({"trainer": {"step": 3, "note": Payload(marker)}}, checkpoint_id=str(folder))
     target = {"trainer": {"step": 0, "note": None}}
     with pytest.raises(CheckpointException) as info:
-        dcp.load(target, checkpoint_id=str(folder), planner=_weights_only_planner())
+        dcp.load(target, checkpoint_id=str(folder), planner=weights_only_load_planner())
     assert "Weights only load failed" in str(next(iter(info.value.failures.values())))
     assert not marker.exists()
     good = tmp_path / "good"
     dcp.save({"trainer": {"step": 3, "epoch": 1}}, checkpoint_id=str(good))
     target = {"trainer": {"step": 0, "epoch": 0}}
-    dcp.load(target, checkpoint_id=str(good), planner=_weights_only_planner())
+    dcp.load(target, checkpoint_id=str(good), planner=weights_only_load_planner())
     assert target == {"trainer": {"step": 3, "epoch": 1}}
 
 

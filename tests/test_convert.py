@@ -10,7 +10,8 @@ import torch
 from conftest import exit_code, write_checkpoint
 from transformers import AutoModelForCausalLM
 
-from recipes_core.convert import CheckpointError, convert, verify_conversion
+from recipes_core.checkpoint import CheckpointError
+from recipes_core.convert import convert, verify_conversion
 from recipes_core.convert import main as convert_main
 from recipes_core.tiny import tiny_llama_config
 

@@ -72,8 +72,7 @@ def test_generated_datasets_are_valid_and_disjoint():
 
 
 def test_generator_is_deterministic(tmp_path):
-    sys.path.insert(0, str(REPO / "cookbook"))
-    from make_datasets import write_all
+    from recipes_core.synthetic_data import write_all
 
     for path in write_all(tmp_path):
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), path.name

@@ -142,8 +142,7 @@ def test_unfinished_save_is_never_chosen(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from recipes_core.checkpoint import find_latest
-    from recipes_core.preflight import remove_stale_tmp
+    from recipes_core.checkpoint import find_latest, remove_unfinished_saves, tmp_step_dir
 
     def save(name: str) -> Path:
         dcp.save({"model": {"w": torch.arange(1000.0)}}, checkpoint_id=str(tmp_path / name), no_dist=True)
@@ -151,7 +150,7 @@ def test_unfinished_save_is_never_chosen(tmp_path):
         return tmp_path / name
 
     save("step_2")
-    tmp = save(".tmp_step_4")  # complete-looking, but never renamed
+    tmp = save(tmp_step_dir(tmp_path, 4).name)  # complete-looking, but never renamed
     (tmp_path / "latest").write_text("step_2\n")
     assert find_latest(tmp_path) == tmp_path / "step_2"
     shutil.copytree(tmp, tmp_path / "step_6")
@@ -159,7 +158,7 @@ def test_unfinished_save_is_never_chosen(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])  # truncated shard
     (tmp_path / "latest").write_text("step_6\n")
     assert find_latest(tmp_path) == tmp_path / "step_2"
-    assert remove_stale_tmp(tmp_path) == [tmp] and not tmp.exists()
+    assert remove_unfinished_saves(tmp_path) == [tmp] and not tmp.exists()
 
 
 # ----- damaged checkpoints and the date a chat template renders ----------------------------------------
