@@ -268,7 +268,9 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
                           "optimizer are resharded exactly, but the remaining data order differs", file=sys.stderr)
 
     peak, peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
-    logger = MetricsLogger(out / "metrics.jsonl", env.is_main, cfg.log.tensorboard, append=resume_dir is not None)
+    logger = MetricsLogger(out / "metrics.jsonl", env.is_main, cfg.log.tensorboard, append=resume_dir is not None,
+                           wandb=cfg.log.wandb, mlflow=cfg.log.mlflow, experiment=cfg.log.experiment,
+                           run_config=to_dict(cfg))
     logger.log({"kind": "start", "step": state["step"], "world_size": env.world_size, "mesh": mesh_shape,
                 "n_params": n_params,
                 "n_trainable": n_trainable, "precision": precision, "peak_flops_per_rank": peak,
