@@ -107,7 +107,8 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, folder: Path, tokenizer, genera
     writer.add_token_merges(merges)
     if tokenizer.bos_token_id is not None:
         writer.add_bos_token_id(tokenizer.bos_token_id)
-        writer.add_add_bos_token(False)  # the chat template writes bos itself; no second one
+        # What the HF tokenizer does on plain text (convert_hf_to_gguf.py writes the same for Llama 3).
+        writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
     ends = end_token_ids(tokenizer, generation_config)
     writer.add_eos_token_id(ends[0])  # the tokenizer's own eos: the end of turn for a chat model
     if "<|eot_id|>" in vocab:
