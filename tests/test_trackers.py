@@ -1,6 +1,7 @@
 """W&B (offline) and MLflow (local file store) receive the run's metrics: a real one-rank fine-tune in this
-process with log.wandb=true log.mlflow=true, resumed once, read back from the files they wrote (MLflow's
-client on the file store; the records of W&B's offline run file) and compared with metrics.jsonl."""
+process with log.wandb=true log.mlflow=true, read back from the files they wrote (MLflow's client on the
+file store; the records of W&B's offline run file) and compared with metrics.jsonl. (Resuming into the same
+runs through trackers.json is not repeated here: a second run would cost another ~15 s of the test budget.)"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 OVERRIDES = ["data.format=chat", "data.train_path=cookbook/data/chat_train.jsonl",
              "data.eval_path=cookbook/data/chat_eval.jsonl", "data.max_seq_len=96", "data.max_train_examples=16",
              "data.max_eval_examples=4", "train.micro_batch_size=4", "train.grad_accum_steps=1",
-             "train.eval_every=2", "checkpoint.save_every=2", "checkpoint.save_optimizer=true",
+             "train.eval_every=2", "checkpoint.save_final=false",
              "log.progress_bar=false", "log.tensorboard=false", "log.peak_flops=1e12",
              "log.wandb=true", "log.mlflow=true", "log.experiment=cookbook-test"]
 
@@ -44,48 +45,43 @@ def wandb_records(path: Path):
             yield record
 
 
-def finetune(out: Path, model: Path, steps: int, resume: bool = False) -> dict:
+def finetune(out: Path, model: Path, steps: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        extra = ["checkpoint.resume=auto"] if resume else []
         return run(load_config(REPO / "cookbook" / "tiny_full.yaml",
                                [*OVERRIDES, "model.source=hf", f"model.path={model}", f"train.max_steps={steps}",
-                                f"checkpoint.output_dir={out}", *extra]))
+                                f"checkpoint.output_dir={out}"]))
     finally:
         torch.set_num_threads(threads)
 
 
 def test_wandb_offline_and_mlflow_file_store(tiny_models, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="the dev extras install wandb (make install)")
-    pytest.importorskip("mlflow", reason="the dev extras install mlflow-skinny (make install)")
+    # wandb and mlflow-skinny are in the dev extras (make install): missing, this test fails, it does not skip
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    finetune(out, tiny_models["instruct"], steps=2)
-    first_ids = json.loads((out / "trackers.json").read_text())
-    finetune(out, tiny_models["instruct"], steps=4, resume=True)  # continues the same W&B and MLflow runs
+    finetune(out, tiny_models["instruct"], steps=3)
     ids = json.loads((out / "trackers.json").read_text())
-    assert ids == first_ids
 
     train = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl", "train")}
     evals = {r["step"]: r["eval_loss"] for r in read_metrics(out / "metrics.jsonl", "eval")}
-    assert sorted(train) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
+    assert sorted(train) == [1, 2, 3] and sorted(evals) == [2, 3]
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient((out / "mlruns").resolve().as_uri())
     mlflow_run = client.get_run(ids["mlflow"])
     assert client.get_experiment(mlflow_run.info.experiment_id).name == "cookbook-test"
-    assert mlflow_run.data.params["train.max_steps"] == "2"  # the config, as the run started
+    assert mlflow_run.data.params["train.max_steps"] == "3"  # the run's config
     assert {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "train/loss")} == pytest.approx(train)
     assert {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "eval/eval_loss")} == pytest.approx(evals)
     assert mlflow_run.info.status == "FINISHED"
 
     logged = {}
     run_files = sorted((out / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))
-    assert len(run_files) == 2  # one offline folder per process, one run id
+    assert len(run_files) == 1
     for path in run_files:
         for record in wandb_records(path):
             if record.WhichOneof("record_type") == "history":
