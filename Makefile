@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2 := models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_VOCAB := models/llama-vocab
+TF4 := .tf4
 
-.PHONY: install quickstart test notebooks lab data tiny smollm2 llama-vocab bench train clean
+.PHONY: install quickstart test notebooks lab data tiny smollm2 llama-vocab tf4 bench train clean
 
 install: $(STAMP)
 
@@ -22,7 +23,7 @@ quickstart: install
 
 # Notebooks run under nbval in the .venv's own kernel: outputs are compared only in cells marked
 # `# NBVAL_CHECK_OUTPUT`; every other cell must simply run (its asserts are the checks).
-test: install smollm2 llama-vocab
+test: install smollm2 llama-vocab tf4
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=30
 
 # Re-execute every notebook in place so the committed outputs come from the current code.
@@ -74,9 +75,18 @@ $(LLAMA_VOCAB)/ggml-vocab-llama-spm.gguf: | $(STAMP)
 	  os.replace('$(LLAMA_VOCAB)/' + n + '.part', '$(LLAMA_VOCAB)/' + n)) for n in names]"
 	rm -rf $(LLAMA_VOCAB)/sdist
 
+# transformers 4.x beside the .venv's 5.x, for tests/test_portable.py (converted folders load in both):
+# the three packages of constraints-tf4.txt in .tf4 (135 MB, no other dependencies; ~15 s), used as
+# PYTHONPATH=.tf4 .venv/bin/python ..., which takes torch and the rest from the .venv.
+tf4: $(TF4)/.installed
+$(TF4)/.installed: constraints-tf4.txt | $(STAMP)
+	rm -rf $(TF4)
+	$(PY) -m pip install -q --no-deps --no-compile --target $(TF4) -r constraints-tf4.txt
+	touch $(TF4)/.installed
+
 # Every benchmark against its peer (minutes, wants a quiet machine); writes benchmarks/RESULTS.md and plots.
 bench: install smollm2
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf runs models .pytest_cache
+	rm -rf runs models .pytest_cache $(TF4)

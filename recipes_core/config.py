@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from recipes_core.errors import UserError
 from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, CLASSIFICATION_PROMPT, check_classification_task
+from recipes_core.trackers import missing_package
 
 import dataclasses
 import difflib
@@ -123,6 +124,9 @@ class LogConfig:
     progress_bar: bool = True
     log_every: int = 1  # optimizer steps between metric lines
     tensorboard: bool = True  # used only when the tensorboard package is installed
+    wandb: bool = False  # W&B run in offline mode under <output_dir>/wandb (rank 0; needs the wandb package)
+    mlflow: bool = False  # MLflow run in a file store at <output_dir>/mlruns (rank 0; needs mlflow-skinny)
+    experiment: str = "recipes_core"  # the W&B project and MLflow experiment name
     peak_flops: float = 0.0  # per device, for MFU; 0 = a known GPU peak, or a short matmul benchmark
     profile_steps: int = 0  # optimizer steps to record with torch.profiler after 2 warm-up steps; 0 = off
 
@@ -288,6 +292,11 @@ def config_errors(config: Config) -> list[str]:
         errors.append(f"train.min_lr_ratio={config.train.min_lr_ratio} must be between 0 and 1")
     if not all(0 <= b < 1 for b in config.train.betas) or len(config.train.betas) != 2:
         errors.append(f"train.betas={list(config.train.betas)} must be two numbers in [0, 1)")
+    for tracker in ("wandb", "mlflow"):
+        if getattr(config.log, tracker) and missing_package(tracker):
+            errors.append(missing_package(tracker))
+    if (config.log.wandb or config.log.mlflow) and not config.log.experiment.strip():
+        errors.append("log.experiment is empty; name the W&B project / MLflow experiment, e.g. recipes_core")
     if config.lora.enabled and config.lora.r < 1:
         errors.append(f"lora.r={config.lora.r} must be at least 1")
     return errors

@@ -6,7 +6,8 @@
 CHECKPOINT is a `step_<k>/` folder, or a run's output folder (its `latest` file names the step).
 OUT receives safetensors weights (sharded with an index past --max-shard-size), config.json,
 generation_config.json whose eos_token_id lists every end-of-sequence and end-of-turn id, and the
-tokenizer files with the chat template, all taken from the checkpoint's train_params.yaml.
+tokenizer files with the chat template, all taken from the checkpoint's train_params.yaml. The folder
+loads in transformers 4.x as well as 5.x (recipes_core.portable).
 
 Memory: the model is built on the meta device, materialised once, and the checkpoint's "model" entries
 are read straight into those tensors (optimizer state in the same checkpoint is never read); the
@@ -35,6 +36,7 @@ from recipes_core.errors import UserError, command
 from recipes_core.models import reset_rotary_buffers
 from recipes_core.paths import UnsafeOutputError, overlap, refuse_overlap, written_atomically
 from recipes_core.tokens import generation_config, load_tokenizer
+from recipes_core.portable import make_portable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -111,6 +113,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", lo
         else:
             model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         tokenizer.save_pretrained(str(tmp))
+        make_portable(tmp)  # transformers 4.x loads it too (tokenizer class name, rope keys)
         result = ConvertResult(out_dir, ckpt_dir, params.get("step"), dtype, sorted(p.name for p in tmp.iterdir()))
         if verify:  # a LoRA run is checked against a fresh, unmerged rebuild: that checks the merge too
             result.max_abs_diff = verify_conversion(tmp, ckpt_dir if is_lora else model, tokenizer)

@@ -354,7 +354,8 @@ class RunLog:
         self.cfg, self.env, self.model_config, self.counts = cfg, env, model_config, counts
         self.peak, self.peak_source = peak_flops(env.device, precision, cfg.log.peak_flops)
         self.logger = MetricsLogger(Path(cfg.checkpoint.output_dir) / "metrics.jsonl", env.is_main,
-                                    cfg.log.tensorboard, append=append)
+                                    cfg.log.tensorboard, append=append, wandb=cfg.log.wandb, mlflow=cfg.log.mlflow,
+                                    experiment=cfg.log.experiment, run_config=to_dict(cfg))
         self.profiler = StepProfiler(cfg.log.profile_steps, cfg.checkpoint.output_dir, env.rank, env.device)
         self.progress = None
         if env.is_main and cfg.log.progress_bar:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from recipes_core.errors import UsageError, UserError, command
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,6 +34,15 @@ MODES = ("chat", "completion")
 
 class NoChatTemplateError(UserError, ValueError):
     pass
+
+
+def infer_command(model: str | Path, prompt: str) -> str:
+    """The shell command that runs `prompt` through this module, quoted so that a POSIX shell (bash, zsh,
+    sh) passes it through byte for byte: a newline in the prompt stays a real newline (inside single
+    quotes, so the printed command spans lines). A `\\n` typed inside double quotes would reach the model as
+    a backslash and an n, which it never saw in training; --prompt never rewrites it, because a literal
+    backslash-n is also a valid thing to ask about (code, escapes)."""
+    return shlex.join(["python", "-m", "recipes_core.infer", str(model), "--prompt", prompt])
 
 
 def load_for_inference(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -151,7 +161,9 @@ def read_prompts(path: str | Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.infer", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="Hugging Face folder, checkpoint step folder, or run folder")
-    parser.add_argument("--prompt", action="append", default=[], help="repeatable")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="repeatable; taken as given: for a line break put a real one inside the quotes "
+                             "(or $'...\\n...' in bash), a typed \\n stays a backslash and an n")
     parser.add_argument("--prompts-file", help="one prompt a line, or .jsonl with 'prompt'/'instruction'")
     parser.add_argument("--mode", choices=MODES, default="chat")
     parser.add_argument("--system", help="system message (chat mode)")

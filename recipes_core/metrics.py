@@ -74,14 +74,23 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class MetricsLogger:
     """One JSON object per line in <output_dir>/metrics.jsonl (rank 0 only), mirrored to TensorBoard
-    when the tensorboard package is installed."""
+    when the tensorboard package is installed, and to W&B (offline) / MLflow (local file store) when
+    turned on (recipes_core.trackers)."""
 
-    def __init__(self, path: str | Path, enabled: bool, tensorboard: bool = True, append: bool = False):
+    def __init__(self, path: str | Path, enabled: bool, tensorboard: bool = True, append: bool = False,
+                 wandb: bool = False, mlflow: bool = False, experiment: str = "recipes_core",
+                 run_config: dict | None = None):
         self.enabled = enabled
         self.path = Path(path)
         self.writer = None
+        self.trackers = []
         if not enabled:
             return
+        names = [name for name, on in (("wandb", wandb), ("mlflow", mlflow)) if on]
+        if names:
+            from recipes_core.trackers import open_trackers
+
+            self.trackers = open_trackers(self.path.parent, names, experiment, run_config or {}, resume=append)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a" if append else "w", encoding="utf-8")  # append on resume
         if tensorboard:
@@ -102,12 +111,16 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+            for tracker in self.trackers:
+                tracker.close()
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,11 +29,12 @@ from recipes_core.errors import UsageError, command
 from recipes_core.data import load_records
 from recipes_core.launch import launch_command
 from recipes_core.paths import refuse_overlap
-from recipes_core.infer import generate, load_for_inference
+from recipes_core.infer import generate, infer_command, load_for_inference
 from recipes_core.synthetic_data import write_all
 from recipes_core.tiny import build_tiny
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"  # package data (pyproject.toml)
+EXAMPLE_PROMPT = "Give the first item of the list.\nmango, bridge, wolf"  # a held-out-style chat prompt
 
 
 def held_out(data_dir: Path, n: int) -> tuple[list[list[dict]], list[str]]:
@@ -136,6 +138,13 @@ def run(out: Path, data_dir: Path, steps: int = 100, eval_prompts: int = 100, np
     return summary
 
 
+def next_steps(summary: dict) -> str:
+    """The commands to try next on the run's folder, quoted for the shell: the example prompt's newline
+    reaches the model as a newline, as in the training data (tests/test_quickstart.py runs it in bash)."""
+    return (f"next: {infer_command(summary['hf'], EXAMPLE_PROMPT)}\n"
+            f"      python -m recipes_core.doctor model {shlex.quote(summary['hf'])}")
+
+
 @command  # bad input -> one `error:` line, exit 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes_core.quickstart", description=__doc__.splitlines()[0])
@@ -161,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['prompt']!r} -> {row['answer']!r} (expected {row['expected']!r})")
     for key in ("models", "checkpoint", "hf", "answers", "finetune_log", "metrics"):
         print(f"  {key:<13}{summary[key]}")
-    print(f"\nnext: python -m recipes_core.infer {summary['hf']} --prompt \"Give the first item of the list.\\n"
-          "mango, bridge, wolf\"")
-    print(f"      python -m recipes_core.doctor model {summary['hf']}")
+    print("\n" + next_steps(summary))
     return 0
 
 

@@ -54,3 +54,27 @@ def test_convert_command_on_a_finetune_checkpoint(quickstart_run, tmp_path, caps
     assert convert_main([str(run_dir), str(tmp_path / "bf16"), "--dtype", "bf16", "--verify"]) == 0
     assert "max |logits difference| = 0" in capsys.readouterr().out
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+
+
+def test_printed_infer_command_sends_a_real_newline(quickstart_run, capsys):
+    """The `next:` command the quickstart prints, split into words by bash exactly as printed, gives infer
+    the prompt with a real newline (the format of its training data), and the model the answer it gives
+    to that prompt. (bash prints the words; infer's main then runs in this process on them, which saves
+    a second interpreter start.)"""
+    import subprocess
+
+    from recipes_core.infer import generate, load_for_inference
+    from recipes_core.infer import main as infer_main
+    from recipes_core.quickstart import EXAMPLE_PROMPT, next_steps
+
+    assert "\n" in EXAMPLE_PROMPT
+    command = next_steps(quickstart_run).split("next: ", 1)[1].split("\n      python -m recipes_core.doctor")[0]
+    words = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, text=True,
+                           check=True).stdout.split("\0")[:-1]
+    assert words[:3] == ["python", "-m", "recipes_core.infer"], words
+    assert infer_main(words[3:]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f">>> {EXAMPLE_PROMPT}\n"), shown  # infer echoes the prompt it received
+    model, tokenizer = load_for_inference(quickstart_run["hf"])
+    expected = generate(model, tokenizer, [EXAMPLE_PROMPT], max_new_tokens=64)[0]
+    assert shown[len(f">>> {EXAMPLE_PROMPT}\n"):].strip() == expected.strip()
