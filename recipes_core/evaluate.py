@@ -147,27 +147,41 @@ def _task_yaml(name: str, data_file: Path, body: dict) -> dict:
             "test_split": "test", "num_fewshot": 0, **body}
 
 
-def write_tasks(data_dir: str | Path, out_dir: str | Path, stop_strings: list[str], max_new_tokens: int = 16,
-                classification_prompt_text: str = CLASSIFICATION_PROMPT,
-                label_words=CLASSIFICATION_LABEL_WORDS, seed: int = 0) -> list[str]:
-    """Write one lm-eval task (YAML + JSONL) per `<name>_eval.jsonl` in data_dir into out_dir; returns the
-    task names. stop_strings: the text of every end token, so generation stops at the end of the turn."""
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+def read_eval_sets(data_dir: str | Path, label_words=CLASSIFICATION_LABEL_WORDS) -> dict[str, tuple[str, list]]:
+    """{name: (format, validated records)} for every `<name>_eval.jsonl` in data_dir; a bad row is an error
+    naming the file and row, found before any model is loaded."""
+    data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise EvalSetupError(f"--data {data_dir}: no such folder; give the folder holding the held-out "
                              "<name>_eval.jsonl files (`python cookbook/make_datasets.py` writes cookbook/data)")
     files = sorted(data_dir.glob("*_eval.jsonl"))
     if not files:
         raise EvalSetupError(f"--data {data_dir}: no <name>_eval.jsonl file in it; give the folder of the held-out sets")
-    check_classification_task(classification_prompt_text, label_words)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = {}
+    for path in files:
+        fmt = detect_format(path)
+        sets[path.name[: -len("_eval.jsonl")]] = (fmt, list(load_records(path, fmt, num_labels=len(label_words))))
+    return sets
+
+
+def task_names(sets: dict[str, tuple[str, list]]) -> list[str]:
+    """The lm-eval tasks the held-out sets give (an Alpaca set gives two: multiple choice and text)."""
+    return [name for stem, (fmt, _) in sets.items()
+            for name in ([f"rc_{stem}", f"rc_{stem}_text"] if fmt == "alpaca" else [f"rc_{stem}"])]
+
+
+def write_tasks(sets: dict[str, tuple[str, list]], out_dir: str | Path, stop_strings: list[str],
+                max_new_tokens: int = 16, classification_prompt_text: str = CLASSIFICATION_PROMPT,
+                label_words=CLASSIFICATION_LABEL_WORDS, seed: int = 0) -> list[str]:
+    """Write one lm-eval task (YAML + JSONL) per held-out set (read_eval_sets) into out_dir; returns the task
+    names. stop_strings: the text of every end token, so generation stops at the end of the turn."""
     import yaml
 
+    check_classification_task(classification_prompt_text, label_words)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, tuple[list[dict], dict]] = {}
-    for path in files:
-        stem = path.name[: -len("_eval.jsonl")]
-        fmt = detect_format(path)
-        records = list(load_records(path, fmt, num_labels=len(label_words)))
+    for stem, (fmt, records) in sets.items():
         if fmt == "chat":
             tasks[f"rc_{stem}"] = (chat_docs(records), {
                 "output_type": "generate_until", "description": "{{system}}", "doc_to_text": "{{question}}",
@@ -201,6 +215,14 @@ def write_tasks(data_dir: str | Path, out_dir: str | Path, stop_strings: list[st
 
 # ---------------------------------------------------------------- running lm-eval
 
+def check_model_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise EvalSetupError(f"{path}: no such model folder; give a Hugging Face folder (config.json), a "
+                             "checkpoint step_<k> folder or a run folder")
+    return path
+
+
 def load_model(path: str | Path):
     """(model, tokenizer) for an HF folder, a checkpoint step folder or a run folder; the generation config
     stops on every end id (what infer.generate does)."""
@@ -208,10 +230,7 @@ def load_model(path: str | Path):
     from recipes_core.infer import load_for_inference
     from recipes_core.tokens import end_token_ids
 
-    path = Path(path)
-    if not path.exists():
-        raise EvalSetupError(f"{path}: no such model folder; give a Hugging Face folder (config.json), a "
-                             "checkpoint step_<k> folder or a run folder")
+    path = check_model_path(path)
     if is_run_folder(path):
         path = resolve_checkpoint(path)
     model, tokenizer = load_for_inference(path)
@@ -243,16 +262,19 @@ def evaluate(model_path: str | Path, data_dir: str | Path, out_dir: str | Path |
     folder when None). chat_template: auto | on | off | both (text tasks always run without it)."""
     if chat_template not in TEMPLATE_MODES:
         raise UsageError(f"--chat-template {chat_template}: choose one of {TEMPLATE_MODES}")
+    check_model_path(model_path)
+    check_classification_task(prompt, label_words)
+    sets = read_eval_sets(data_dir, label_words)  # bad data and unknown tasks fail before the model loads
+    chosen = tasks or task_names(sets)
+    unknown = [t for t in chosen if t not in task_names(sets)]
+    if unknown:
+        raise EvalSetupError(f"--tasks {','.join(unknown)}: no such task here; the held-out files in {data_dir} "
+                             f"give {', '.join(task_names(sets))}")
     model, tokenizer = load_model(model_path)
     with tempfile.TemporaryDirectory(prefix="rc_eval_") as tmp:
         task_dir = Path(out_dir) / "tasks" if out_dir else Path(tmp)
-        available = write_tasks(data_dir, task_dir, stop_strings(tokenizer, model), max_new_tokens, prompt,
-                                label_words, seed)
-        chosen = tasks or available
-        unknown = [t for t in chosen if t not in available]
-        if unknown:
-            raise EvalSetupError(f"--tasks {','.join(unknown)}: no such task here; the held-out files in {data_dir} "
-                                 f"give {', '.join(available)}")
+        written = write_tasks(sets, task_dir, stop_strings(tokenizer, model), max_new_tokens, prompt, label_words, seed)
+        chosen = [t for t in chosen if t in written]  # a set too small for its task (e.g. < 4 Alpaca outputs)
         result = EvalResult(model=str(model_path))
         for use_template in template_settings(tokenizer, chat_template):
             names = [t for t in chosen if not (use_template and t.endswith("_text"))]
@@ -263,9 +285,13 @@ def evaluate(model_path: str | Path, data_dir: str | Path, out_dir: str | Path |
 
 def _run(model, tokenizer, task_dir: Path, names: list[str], use_template: bool, limit, batch_size: int,
          seed: int) -> list[Score]:
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise EvalSetupError("lm-evaluation-harness is not installed: pip install -c constraints.txt 'lm_eval==0.4.13' "
+                             "(it is in the dev extras: pip install -e '.[dev]')") from None
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-request logging drowns the table
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
@@ -343,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(tasks=args.tasks.split(",") if args.tasks else None, chat_template=args.chat_template,
                    limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                    label_words=label_words, prompt=args.classification_prompt, seed=args.seed)
+    for path in filter(None, (args.model, args.baseline)):
+        check_model_path(path)  # before the first model's evaluation, not after it
     out = Path(args.out) if args.out else None
     before = evaluate(args.baseline, args.data, out / "baseline" if out else None, **options) if args.baseline else None
     after = evaluate(args.model, args.data, out / "model" if out else None, **options)
