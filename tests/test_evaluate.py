@@ -41,7 +41,7 @@ def test_before_after_table_on_the_quickstart_run(quickstart_run, tiny_models, t
 def test_checkpoint_and_converted_folder_score_the_same(quickstart_run):
     """A checkpoint is rebuilt in memory; it must answer exactly as its converted folder, which stops on
     every end id: the template-on answers of the fine-tuned model are single words, not run-ons."""
-    options = dict(data_dir=DATA_DIR, tasks=["rc_chat", "rc_reviews"], limit=N, chat_template="on")
+    options = dict(data_dir=DATA_DIR, tasks=["rc_chat", "rc_reviews"], limit=12, chat_template="on")
     from_checkpoint = evaluate(quickstart_run["checkpoint"], **options)
     from_folder = evaluate(quickstart_run["hf"], **options)
     assert [(s.task, s.value) for s in from_checkpoint.scores] == [(s.task, s.value) for s in from_folder.scores]
