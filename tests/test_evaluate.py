@@ -3,13 +3,16 @@ folder; a before/after table; bad input is one `error:` line and exit 2."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 
 import pytest
 from conftest import DATA_DIR, exit_code
 
 from recipes_core.evaluate import evaluate, main
+from recipes_core.tokens import load_tokenizer
 
 N = 24  # held-out chat prompts: enough that the fine-tuned model's gain is not one lucky answer
 
@@ -38,14 +41,23 @@ def test_before_after_table_on_the_quickstart_run(quickstart_run, tiny_models, t
     assert (tmp_path / "model" / "tasks" / "rc_chat.yaml").is_file() and (tmp_path / "results.json").is_file()
 
 
-def test_checkpoint_and_converted_folder_score_the_same(quickstart_run):
-    """A checkpoint is rebuilt in memory; it must answer exactly as its converted folder, which stops on
-    every end id: the template-on answers of the fine-tuned model are single words, not run-ons."""
-    options = dict(data_dir=DATA_DIR, tasks=["rc_chat", "rc_reviews"], limit=12, chat_template="on")
-    from_checkpoint = evaluate(quickstart_run["checkpoint"], **options)
-    from_folder = evaluate(quickstart_run["hf"], **options)
-    assert [(s.task, s.value) for s in from_checkpoint.scores] == [(s.task, s.value) for s in from_folder.scores]
-    assert from_folder.get("rc_chat").value > 0
+def test_checkpoint_folder_and_a_folder_with_one_stop_id_score_the_same(quickstart_run, tmp_path):
+    """A checkpoint is rebuilt in memory and must answer exactly as its converted folder. A copy of that folder
+    whose eos is the base model's <|end_of_text|> only (the config copied from the base model) must too:
+    evaluate stops on every end id of the vocabulary, so the answers still end at <|eot_id|> instead of
+    running on to the token limit (which no exact match survives)."""
+    one_stop = tmp_path / "one_stop_id"
+    shutil.copytree(quickstart_run["hf"], one_stop)
+    end_of_text = load_tokenizer(one_stop).convert_tokens_to_ids("<|end_of_text|>")
+    for name, key in (("generation_config.json", "eos_token_id"), ("config.json", "eos_token_id"),
+                      ("tokenizer_config.json", "eos_token")):
+        config = json.loads((one_stop / name).read_text())
+        config[key] = "<|end_of_text|>" if key == "eos_token" else end_of_text
+        (one_stop / name).write_text(json.dumps(config))
+    options = dict(data_dir=DATA_DIR, tasks=["rc_chat"], limit=12, chat_template="on")
+    scores = [evaluate(path, **options).get("rc_chat").value
+              for path in (quickstart_run["checkpoint"], quickstart_run["hf"], one_stop)]
+    assert scores[0] == scores[1] == scores[2] > 0, scores
 
 
 @pytest.mark.parametrize("argv, needle", [
