@@ -32,6 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import random
@@ -257,9 +259,10 @@ def template_settings(tokenizer, mode: str) -> list[bool]:
 def evaluate(model_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
              tasks: list[str] | None = None, chat_template: str = "auto", limit: int | None = None,
              batch_size: int = 32, max_new_tokens: int = 16, label_words=CLASSIFICATION_LABEL_WORDS,
-             prompt: str = CLASSIFICATION_PROMPT, seed: int = 0) -> EvalResult:
+             prompt: str = CLASSIFICATION_PROMPT, seed: int = 0, quiet: bool = False) -> EvalResult:
     """Run the held-out tasks on one model with lm-eval; out_dir keeps the generated tasks (a temporary
-    folder when None). chat_template: auto | on | off | both (text tasks always run without it)."""
+    folder when None). chat_template: auto | on | off | both (text tasks always run without it).
+    quiet: hide lm-eval's own progress bars (one per request type and task) and its log lines."""
     if chat_template not in TEMPLATE_MODES:
         raise UsageError(f"--chat-template {chat_template}: choose one of {TEMPLATE_MODES}")
     check_model_path(model_path)
@@ -279,7 +282,8 @@ def evaluate(model_path: str | Path, data_dir: str | Path, out_dir: str | Path |
         for use_template in template_settings(tokenizer, chat_template):
             names = [t for t in chosen if not (use_template and t.endswith("_text"))]
             if not use_template or names:
-                result.scores += _run(model, tokenizer, task_dir, names, use_template, limit, batch_size, seed)
+                with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+                    result.scores += _run(model, tokenizer, task_dir, names, use_template, limit, batch_size, seed)
     return result
 
 
