@@ -11,8 +11,8 @@ checkpoint is rebuilt in memory, nothing is written next to it. One task per hel
   rc_alpaca     Alpaca rows: multiple choice by log-likelihood, the right output against 3 outputs of other rows.
   rc_<name>     classification rows: multiple choice between the label words (data.label_words) after the
                 classification prompt (data.classification_prompt), as training formats them.
-  rc_<name>_text  the same Alpaca rows as plain text: bits per byte (log-likelihood of held-out text of
-                another kind than chat; what fine-tuning costs in general ability shows here).
+  rc_<name>_text  the same Alpaca rows as text in the Alpaca prompt format: bits per byte (log-likelihood of
+                held-out text of another kind than chat; what fine-tuning costs in general ability shows here).
 
 The tasks are written as ordinary lm-eval YAML files plus JSONL data (OUT/tasks), so the same evaluation
 runs with lm-eval's own command line:  lm_eval --model hf --model_args pretrained=DIR
@@ -44,8 +44,8 @@ from pathlib import Path
 
 from recipes_core.data import SCHEMAS, DataFormatError, load_records
 from recipes_core.errors import UsageError, UserError, command
-from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, CLASSIFICATION_PROMPT, check_classification_task, \
-    classification_prompt
+from recipes_core.preprocess import CLASSIFICATION_LABEL_WORDS, CLASSIFICATION_PROMPT, alpaca_prompt, \
+    check_classification_task, classification_prompt
 
 TEMPLATE_MODES = ("auto", "on", "off", "both")
 N_CHOICES = 4  # Alpaca multiple choice: the right output and 3 others (chance is 1 / 4)
@@ -141,7 +141,9 @@ def classification_docs(records, prompt: str, label_words) -> list[dict]:
 
 
 def text_docs(records) -> list[dict]:
-    return [{"text": alpaca_question(r) + "\n" + r["output"]} for r in records]
+    """Each Alpaca row as the Alpaca recipe writes it (prompt scaffold, instruction, input, answer): the form
+    in which a model trained on such text knows it."""
+    return [{"text": alpaca_prompt(r) + r["output"]} for r in records]
 
 
 def _task_yaml(name: str, data_file: Path, body: dict) -> dict:
