@@ -6,22 +6,9 @@ The generator lives in the library (recipes_core.synthetic_data), so an installe
 same files without this checkout; this script only picks the cookbook's folder as the default.
 """
 
-from __future__ import annotations
-
-import argparse
 from pathlib import Path
 
-from recipes_core.synthetic_data import write_all
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "data"))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for path in write_all(args.out, args.seed):
-        print(f"wrote {path}")
-
+from recipes_core.synthetic_data import main
 
 if __name__ == "__main__":
-    main()
+    main(default_out=str(Path(__file__).parent / "data"))

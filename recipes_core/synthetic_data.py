@@ -196,9 +196,11 @@ def write_all(out_dir: str | Path, seed: int = 0) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, default_out: str | None = None) -> None:
+    """The command line; cookbook/make_datasets.py calls it with the cookbook's data folder as default_out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the folder to write the .jsonl files into")
+    parser.add_argument("--out", default=default_out, required=default_out is None,
+                        help="the folder to write the .jsonl files into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for path in write_all(args.out, args.seed):
