@@ -493,7 +493,11 @@ def test_every_command_exits_2_with_one_error_line(tiny_models, good_checkpoint,
         "doctor": (_python_m("recipes_core.doctor", "model", damaged), ["model/config.json", "not valid JSON"]),
         "checkpoint": (_python_m("recipes_core.checkpoint", "size", missing), ["missing", "is not a folder"]),
         "quickstart": (_python_m("recipes_core.quickstart", "--steps", 0, "--out", missing), ["--steps 0"]),
+        "export_gguf": (_python_m("recipes_core.export_gguf", missing, tmp_path / "m.gguf"), ["missing", "config.json"]),
+        "evaluate": (_python_m("recipes_core.evaluate", missing), ["missing", "no such model folder"]),
+        "plan": (_python_m("recipes_core.plan", "--model", missing, "--world-size", 2), ["missing", "known shape"]),
     }
     for command, (proc, needles) in cases.items():
         print(f"{command}: {_assert_one_error_line(proc, *needles)}")
     assert _tree_bytes(tmp_path) == before and not missing.exists() and not (tmp_path / "hf").exists()
+    assert not (tmp_path / "m.gguf").exists()
