@@ -78,13 +78,12 @@ class TrainConfig:
     # so only one chunk's logits are ever in memory (recomputed in backward: the lm_head matmul runs twice).
     # Applies to micro-batches with more tokens than this (micro_batch_size x padded length); 0 = off. Same
     # loss and gradients as the plain loss up to summation order (tests/test_loss.py).
-    # Why on, and why 1024 (benchmarks/chunked_loss.py, SmolLM2, one micro-batch of 2048 tokens, fp32 CPU, peak
-    # RSS above the runtime baseline, one round each): chunks of 1024 tokens 0.92x the plain loss's peak, of 256
-    # 0.85x; with activation checkpointing, 256: 0.78x (what the step adds above the weights and AdamW states:
-    # 0.53x). The saving grows with vocabulary x tokens (Llama 3: 128k vocabulary); below 1024 tokens per
-    # micro-batch it is small, and 1024 leaves every shorter micro-batch on the plain loss (no recompute, the
-    # same numbers as before). Lower it (e.g. 256) when memory is tight at long sequences.
-    loss_chunk_size: int = 1024
+    # Measured (benchmarks/chunked_loss.py, SmolLM2, one micro-batch of 2048 tokens, fp32 CPU, peak RSS above the
+    # runtime baseline): chunks of 1024 tokens 0.92x the plain loss's peak, of 256 0.85x; with activation
+    # checkpointing, 256: 0.78x (what the step adds above the weights and AdamW states: 0.53x). The saving grows with
+    # vocabulary x tokens (Llama 3: 128k vocabulary) and costs a second lm_head matmul, so it is off by default
+    # (the tiny and SmolLM2 recipes gain nothing at their lengths) and on in the Llama 3.x recipes (1024).
+    loss_chunk_size: int = 0
 
 
 @dataclass
