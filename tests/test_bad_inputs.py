@@ -445,14 +445,25 @@ def test_a_bom_is_accepted(tmp_path):
     assert load_records(path, "alpaca").to_list() == [GOOD_ALPACA, GOOD_ALPACA]
 
 
-def _python_m(module: str, *args) -> "subprocess.CompletedProcess":
+def _start_python_m(module: str, *args) -> "subprocess.Popen":
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finished(process: "subprocess.Popen") -> "subprocess.CompletedProcess":
+    import subprocess
+
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _python_m(module: str, *args) -> "subprocess.CompletedProcess":
+    return _finished(_start_python_m(module, *args))
 
 
 def test_doctor_data_refuses_what_training_would(tiny_models, tmp_path):
@@ -486,18 +497,19 @@ def test_every_command_exits_2_with_one_error_line(tiny_models, good_checkpoint,
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n{\"prompt\": \n")
     before = _tree_bytes(tmp_path)
-    cases = {  # command: (its process, what its error line names)
-        "convert": (_python_m("recipes_core.convert", ckpt, tmp_path / "hf"), ["step_3", ".metadata is missing"]),
-        "infer": (_python_m("recipes_core.infer", tiny_models["instruct"], "--prompts-file", prompts),
+    cases = {  # command: (its process, what its error line names); all start at once: they are independent
+        "convert": (_start_python_m("recipes_core.convert", ckpt, tmp_path / "hf"), ["step_3", ".metadata is missing"]),
+        "infer": (_start_python_m("recipes_core.infer", tiny_models["instruct"], "--prompts-file", prompts),
                   ["p.jsonl", "row 2", "invalid JSON"]),
-        "doctor": (_python_m("recipes_core.doctor", "model", damaged), ["model/config.json", "not valid JSON"]),
-        "checkpoint": (_python_m("recipes_core.checkpoint", "size", missing), ["missing", "is not a folder"]),
-        "quickstart": (_python_m("recipes_core.quickstart", "--steps", 0, "--out", missing), ["--steps 0"]),
-        "export_gguf": (_python_m("recipes_core.export_gguf", missing, tmp_path / "m.gguf"), ["missing", "config.json"]),
-        "evaluate": (_python_m("recipes_core.evaluate", missing), ["missing", "no such model folder"]),
-        "plan": (_python_m("recipes_core.plan", "--model", missing, "--world-size", 2), ["missing", "known shape"]),
+        "doctor": (_start_python_m("recipes_core.doctor", "model", damaged), ["model/config.json", "not valid JSON"]),
+        "checkpoint": (_start_python_m("recipes_core.checkpoint", "size", missing), ["missing", "is not a folder"]),
+        "quickstart": (_start_python_m("recipes_core.quickstart", "--steps", 0, "--out", missing), ["--steps 0"]),
+        "export_gguf": (_start_python_m("recipes_core.export_gguf", missing, tmp_path / "m.gguf"),
+                        ["missing", "config.json"]),
+        "evaluate": (_start_python_m("recipes_core.evaluate", missing), ["missing", "no such model folder"]),
+        "plan": (_start_python_m("recipes_core.plan", "--model", missing, "--world-size", 2), ["missing", "known shape"]),
     }
-    for command, (proc, needles) in cases.items():
-        print(f"{command}: {_assert_one_error_line(proc, *needles)}")
+    for command, (process, needles) in cases.items():
+        print(f"{command}: {_assert_one_error_line(_finished(process), *needles)}")
     assert _tree_bytes(tmp_path) == before and not missing.exists() and not (tmp_path / "hf").exists()
     assert not (tmp_path / "m.gguf").exists()
