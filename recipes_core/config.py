@@ -84,6 +84,12 @@ class TrainConfig:
     # vocabulary x tokens (Llama 3: 128k vocabulary) and costs a second lm_head matmul, so it is off by default
     # (the tiny and SmolLM2 recipes gain nothing at their lengths) and on in the Llama 3.x recipes (1024).
     loss_chunk_size: int = 0
+    # torch.compile each decoder layer (inductor: C++ kernels on CPU, Triton on CUDA; preflight checks that the
+    # compiler is there). The first step compiles (tens of seconds, longer on a busy CPU; later runs reuse
+    # inductor's on-disk cache), later steps run fused kernels. FSDP's all-gathers and reduce-scatters stay
+    # outside the compiled graphs. Losses equal eager ones up to summation order (tests/test_compile.py);
+    # speed: benchmarks/compile_speed.py.
+    compile: bool = False
 
 
 @dataclass

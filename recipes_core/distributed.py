@@ -276,6 +276,16 @@ def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
     return model
 
 
+def compile_layers(model: nn.Module) -> None:
+    """torch.compile every decoder layer in place. Module.compile, not torch.compile(module): the module
+    stays where it is, so parameter names (and with them checkpoints, conversion and resume) do not change.
+    TorchDynamo skips FSDP2's hooks (torch._dynamo.config.skip_fsdp_hooks), so each layer's all-gather and
+    reduce-scatter run as in eager mode around its compiled forward and backward. Layers of one shape share
+    the compiled code: only the first step pays for compiling."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
 def load_full_weights_from_rank0(model: nn.Module, full_state_dict: dict | None, device: torch.device,
                                  cpu_offload: bool = False, *, reset_buffers) -> None:
     """Allocate this rank's shards and fill them: rank 0 passes the full state dict, the others None.

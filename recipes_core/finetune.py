@@ -242,6 +242,8 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
                   cfg.fsdp.reshard_after_forward)
     D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
     del full_state
+    if cfg.train.compile:
+        D.compile_layers(model)
     model.train()
     return model, precision, dict(zip(mesh.mesh_dim_names, mesh.shape))
 

@@ -4,7 +4,8 @@ the first checkpoint) or with a traceback from deep inside torch (a mesh that do
 
 Two calls from recipes_core.finetune.train:
   check_start(cfg, env)   before anything is written or loaded: impossible config values, the HSDP mesh
-                          against the world size, data files and model folder present, the output folder
+                          against the world size, data files and model folder present, a compiler for
+                          train.compile, the output folder
                           writable (unfinished saves of a crashed run are removed), and the
                           checkpoint to resume from: safe to unpickle (restricted unpickler), complete, its
                           per-rank RNG file loadable with weights_only=True
@@ -178,7 +179,7 @@ def check_start(cfg, env) -> None:
 
     errors = config_errors(cfg) + mesh_errors(cfg.fsdp.sharding, cfg.fsdp.replicate_degree, env.world_size,
                                               env.local_world_size)
-    errors += input_errors(cfg)
+    errors += input_errors(cfg) + compile_errors(cfg.train.compile, env.device.type)
     out = Path(cfg.checkpoint.output_dir)
     if not errors:
         errors += output_dir_errors(out, env.rank)
@@ -194,6 +195,29 @@ def check_start(cfg, env) -> None:
 
         for folder in remove_unfinished_saves(out):
             print(f"preflight: removed {folder}, an unfinished save of an earlier run", file=sys.stderr)
+
+
+def compile_errors(compile: bool, device_type: str) -> list[str]:
+    """train.compile needs inductor's compiler: a C++ compiler on CPU, Triton on CUDA. Without it the first
+    step would fail deep inside torch._inductor; here it is one line."""
+    import importlib.util
+    import os
+    import shutil
+
+    if not compile:
+        return []
+    if device_type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return ["train.compile=true on CUDA needs Triton (pip install triton, the version your torch wheel "
+                    "names) or set train.compile=false"]
+        return []
+    wanted = os.environ.get("CXX")  # inductor uses $CXX when set, else the first of these it finds
+    found = shutil.which(wanted) if wanted else next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
+    if found is None:
+        where = f"$CXX={wanted} is not an executable" if wanted else "no g++, c++ or clang++ on PATH"
+        return [f"train.compile=true on CPU needs a C++ compiler ({where}); install one (apt install g++) or set "
+                "train.compile=false"]
+    return []
 
 
 # ----- once the tokenizer and model config are known --------------------------------------------------

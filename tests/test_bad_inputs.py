@@ -359,6 +359,9 @@ FINETUNE_CASES = {
     "corrupt safetensors header": ({}, lambda m: (m / "model.safetensors").write_bytes(b"\xff" * 64), [],
                                    ["model.safetensors", "not a readable safetensors file"]),
     "model folder without tokenizer files": ({}, _drop_tokenizer, [], ["model", "no tokenizer files"]),
+    # the job runs with CXX pointing nowhere (see the test): only this case asks for the compiler
+    "train.compile without a C++ compiler": ({}, None, ["train.compile=true"],
+                                             ["train.compile=true", "C++ compiler", "/no/such/c++"]),
     "tokenizer past the embedding": ({"t.jsonl": (ALPACA_ROW + "\n").encode() * 3 + json.dumps(
         {**GOOD_ALPACA, "output": "<|extra_token|>"}).encode()}, _grow_tokenizer, [],
         ["t.jsonl", "row 4", "<|extra_token|>", "embedding", "rows", "ids"]),
@@ -412,7 +415,7 @@ def test_finetune_bad_inputs_under_torchrun(tiny_models, tmp_path):
     command = launch_command(2, args=[str(tmp_path / "cases.json"), str(tmp_path)],
                              script=REPO / "tests" / "bad_inputs_ranks.py")
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CXX": "/no/such/c++"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for i, (name, (_, _, _, needles)) in enumerate(FINETUNE_CASES.items()):
