@@ -134,9 +134,13 @@ def summary(model: str, accum: int, r: dict) -> dict:
         row[f"{mode}: collectives"] = r[mode]["total"]
         row[f"{mode}: calls"] = r[mode]["calls"]
         row[f"{mode}: MiB (all-gather output, reduce-scatter input)"] = {k: mib(v) for k, v in r[mode]["bytes"].items() if v}
+        if not r[mode]["step_s"]:  # --rounds 0: counts only
+            continue
         row[f"{mode}: step s"] = spread(r[mode]["step_s"], " s")
         for rank in (0, 1):
             row[f"{mode}: step RSS increment rank{rank} MiB"] = spread([x[rank] / 2**20 for x in r[mode]["rss_increment"]], "", 0)
+    if not r["off"]["step_s"]:
+        return row
     ratio = lambda a, b: [x / y for x, y in zip(a, b)]
     row["on / off step time"] = spread(ratio(r["on"]["step_s"], r["off"]["step_s"]))
     row["ddp / off step time"] = spread(ratio(r["ddp"]["step_s"], r["off"]["step_s"]))
