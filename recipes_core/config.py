@@ -106,8 +106,10 @@ class FSDPConfig:
     # Memory: every rank holds the whole model's parameters unsharded for the whole step, on top of its shard
     # (4 B/param fp32, 2 B bf16), like DDP, while the AdamW states and master weights stay sharded. (With
     # accumulation FSDP2 already holds the whole unsharded gradients between micro-batches, on or off.)
-    # Measured, SmolLM2 fp32, 2 CPU ranks (gloo), accum 4, 3 interleaved rounds on a loaded machine: step time
+    # Measured, SmolLM2 fp32, 2 CPU ranks (gloo), accum 4, 3 interleaved rounds on a loaded machine (load average
+    # 12-15, where each collective waits long for both ranks: expect a smaller gain on a quiet one): step time
     # on / off 0.41x (0.31-0.45); the step's peak RSS +309 / +336 MiB on rank 0 / 1 (+15% of a 2.1 GiB rank).
+    # Tiny, accum 2 / 4: 24 / 40 collectives -> 13, step 0.60x (0.56-0.79) / 0.74x (0.63-0.85).
     # Default off: FSDP's memory arithmetic (recipes_core.plan), what a GPU whose memory is the limit needs, and
     # NCCL overlaps all-gathers with compute there. On for CPU recipes (cookbook/smollm2_full.yaml), where every
     # gloo collective is a rendezvous of ranks sharing cores and host memory is rarely the limit.
