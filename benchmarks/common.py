@@ -143,14 +143,19 @@ def is_collective(op: str) -> bool:
 def profile_summary(events, top: int = 8) -> dict:
     """A profiled step (torch.profiler key_averages()) as data: shares of the self CPU time in matmul +
     attention kernels and in collectives, the optimizer step's seconds, the top ops and the op table."""
+    from recipes_core.profiling import COLLECTIVE_KINDS
+
     total = sum(e.self_cpu_time_total for e in events) or 1
     share = lambda keep: sum(e.self_cpu_time_total for e in events if keep(e.key)) / total
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {"optimizer_s": sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#")) / 1e6,
             "shares": {"matmul + attention kernels": share(lambda k: k in MATMUL_OPS),
                        "collectives (incl. waits)": share(is_collective)},
-            "collective_calls": sum(e.count for e in events
-                                    if is_collective(e.key) and not e.key.startswith("c10d::wait")),
+            # one c10d::<op> event per collective (recipes_core.profiling.count_collectives); before, every event
+            # is_collective matched was counted (FSDP's labels, copy-in/out, gloo's own events): 101 for tiny's
+            # 24 collectives, 699 for SmolLM2's 154
+            "collective_calls": sum(e.count for e in events if e.key.startswith("c10d::")
+                                    and e.key.removeprefix("c10d::") in COLLECTIVE_KINDS),
             "top": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in ranked],
             "table": events.table(sort_by="self_cpu_time_total", row_limit=25)}
 

@@ -165,7 +165,9 @@ def profile(args):
     notes.insert(0, "Settings: " + "; ".join(f"{m}: seq={PROFILE[m]['seq']}, micro={PROFILE[m]['micro']}, accum={PROFILE[m]['accum']}, "
                                             f"profiled step {PROFILE[m]['steps']} (after {PROFILE[m]['steps'] - 1} warm-up)" for m in models)
                  + ". Self CPU time on rank 0 (both ranks do the same work); collectives = gloo all-gather, reduce-scatter, "
-                 "all-reduce and broadcast ops and the waits on them, FSDP's own record_function labels included.")
+                 "all-reduce and broadcast ops and the waits on them, FSDP's own record_function labels included; collective ops = "
+                 "the c10d collectives issued (one per collective, as recipes_core.profiling.count_collectives counts them; "
+                 "before 2026-12 this column counted every matching profiler event, 4-5 per collective).")
     return C.save_result("train_profile", "1b. Where a training step's time goes: ours (FSDP2) vs the Trainer's DDP (profiled)",
                          C.command_line(), {}, rows, ratios, notes, args.smoke)
 

@@ -102,6 +102,24 @@ class FSDPConfig:
     # false: every layer keeps its gathered parameters from forward to backward: half the all-gathers
     # (the fewer-collectives setting where communication dominates) for the memory of a full model copy
     reshard_after_forward: bool = True
+    # Gather each layer's parameters once per optimizer step instead of at every use: the first micro-batch's
+    # forward all-gathers them, they stay gathered through all micro-batches (set_reshard_after_backward),
+    # and the last backward reduce-scatters the summed gradients and frees them; reshard_after_forward no
+    # longer applies. The numbers are bit-identical to off (tests/test_finetune.py).
+    # Messages: all-gathers per step fall from accum x (2 x units - 2) to units (units = decoder layers + 1;
+    # counted by benchmarks/comm_count.py, 2 ranks): SmolLM2 (30 layers) accum 4: 274 collectives -> 65
+    # (3.5 GiB of all-gathers -> 0.5 GiB); accum 2: 154 -> 65; DDP: 16 bucketed all-reduces + 3 broadcasts.
+    # Memory: every rank holds the whole model's parameters unsharded for the whole step, on top of its shard
+    # (4 B/param fp32, 2 B bf16), like DDP, while the AdamW states and master weights stay sharded. (With
+    # accumulation FSDP2 already holds the whole unsharded gradients between micro-batches, on or off.)
+    # Measured, SmolLM2 fp32, 2 CPU ranks (gloo), accum 4, 3 interleaved rounds on a loaded machine (load average
+    # 12-15, where each collective waits long for both ranks: expect a smaller gain on a quiet one): step time
+    # on / off 0.41x (0.31-0.45); the step's peak RSS +309 / +336 MiB on rank 0 / 1 (+15% of a 2.1 GiB rank).
+    # Tiny, accum 2 / 4: 24 / 40 collectives -> 13, step 0.60x (0.56-0.79) / 0.74x (0.63-0.85).
+    # Default off: FSDP's memory arithmetic (recipes_core.plan), what a GPU whose memory is the limit needs, and
+    # NCCL overlaps all-gathers with compute there. On for CPU recipes (cookbook/smollm2_full.yaml), where every
+    # gloo collective is a rendezvous of ranks sharing cores and host memory is rarely the limit.
+    gather_once_per_step: bool = False
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
 
 

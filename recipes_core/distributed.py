@@ -250,7 +250,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
-                activation_checkpointing: bool = False, reshard_after_forward: bool = True) -> nn.Module:
+                activation_checkpointing: bool = False, reshard_after_forward: bool = True,
+                gather_once_per_step: bool = False) -> nn.Module:
     """fully_shard each decoder layer (one all-gather per layer, freed after use), then the root (the
     embeddings, final norm and lm_head, and tied weights, which must live in one group).
 
@@ -258,7 +259,9 @@ def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
     backward starts with it, so freeing them would only gather them again at once; one all-gather fewer
     per micro-batch for the memory of one layer. FSDP2 never reshards the root after forward either.
     reshard_after_forward=False keeps every layer gathered from forward to backward (ZeRO-2-like: half
-    the all-gathers, full parameters in memory during backward)."""
+    the all-gathers, full parameters in memory during backward). gather_once_per_step=True (with
+    finetune.train_step(gather_once_per_step=True), which keeps them gathered from one micro-batch to the
+    next) implies it: each layer is all-gathered once per optimizer step (config.FSDPConfig explains the trade)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     if activation_checkpointing:
@@ -270,7 +273,7 @@ def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
     if not layers:
         raise ValueError(f"{type(model).__name__}: no *DecoderLayer modules found to shard")
     for i, layer in enumerate(layers):
-        reshard = reshard_after_forward and i < len(layers) - 1
+        reshard = reshard_after_forward and not gather_once_per_step and i < len(layers) - 1
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     return model

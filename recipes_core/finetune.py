@@ -158,20 +158,29 @@ class StepResult:
 
 
 def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.DistEnv,
-               max_grad_norm: float = 0.0, loss_chunk_size: int = 0) -> StepResult:
+               max_grad_norm: float = 0.0, loss_chunk_size: int = 0, gather_once_per_step: bool = False) -> StepResult:
     """Steps 2-4 of the module docstring over this rank's micro-batches; every rank calls it together.
 
     `model` is the FSDP2 model of build_sharded_model, or a plain module in a group of one (the
     benchmarks profile both). `scheduler` may be None (constant lr); max_grad_norm 0 means no clipping;
-    loss_chunk_size > 0: the loss of a micro-batch with more tokens is computed in chunks (train.loss_chunk_size)."""
+    loss_chunk_size > 0: the loss of a micro-batch with more tokens is computed in chunks (train.loss_chunk_size).
+    gather_once_per_step (fsdp.gather_once_per_step, with a model sharded the same way): the parameters
+    gathered by the first micro-batch stay gathered until the last one's backward, which frees them.
+
+    Collectives per step (2 ranks, counted by profiling.count_collectives): the all-gathers and
+    reduce-scatters of FSDP, plus three small all-reduces: the supervised-token count, the clipping's
+    gradient norm (one for all DTensor gradients), and the loss and token totals for the log."""
     global_supervised = D.all_reduce_sum(sum(supervised_tokens(b) for b in micro_batches), env.device)
     if global_supervised.item() == 0:
         raise ValueError("no supervised token in the global batch of this step; check the masks")
     # Summed on the device: a .cpu() per micro-batch would make the host wait for the GPU each time.
     local_loss = torch.zeros((), dtype=torch.float64, device=env.device)
     for i, batch in enumerate(micro_batches):
-        if isinstance(model, FSDPModule):  # reduce-scatter once, after the last micro-batch
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        last = i == len(micro_batches) - 1
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-batch
+            if gather_once_per_step:  # no all-gather for the next micro-batch: free them after the last backward
+                model.set_reshard_after_backward(last)
         loss_sum = token_loss_sum(model, batch, env.device, loss_chunk_size)
         # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
         (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
@@ -239,7 +248,7 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
     if cfg.fsdp.cpu_offload and not cpu_offload:
         print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
     D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
-                  cfg.fsdp.reshard_after_forward)
+                  cfg.fsdp.reshard_after_forward, cfg.fsdp.gather_once_per_step)
     D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
     del full_state
     if cfg.train.compile:
@@ -439,7 +448,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
             continue
         start = time.perf_counter()
         result = train_step(model, micro_batches, optimizer, scheduler, env, cfg.train.max_grad_norm,
-                            cfg.train.loss_chunk_size)
+                            cfg.train.loss_chunk_size, cfg.fsdp.gather_once_per_step)
         seconds = time.perf_counter() - start
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + accum
         state.tokens_seen += result.tokens

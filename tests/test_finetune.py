@@ -185,6 +185,26 @@ def test_gradient_accumulation_equals_a_double_batch(runs):
 
 
 
+def test_gather_once_per_step_trains_the_same_numbers_with_fewer_collectives(tmp_path):
+    """fsdp.gather_once_per_step on 2 real ranks, accumulation 2: bit-identical losses, gradient norms and
+    weights (the same gathered values, the same gradients summed in the same order, one reduce-scatter
+    either way), and each layer all-gathered once per step instead of twice per micro-batch."""
+    from recipes_core.launch import run_script
+
+    out = tmp_path / "comm.json"
+    run_script(Path(__file__).with_name("comm_ranks.py"), [str(out)], nproc=2, log=tmp_path / "log.txt")
+    result = json.loads(out.read_text())
+    off, on = result["off"], result["on"]
+    assert on["losses"] == off["losses"] and on["grad_norms"] == off["grad_norms"], (off, on)
+    assert on["weights_sum"] == off["weights_sum"] and on["weights"] == off["weights"]
+    assert off["losses"][-1] < off["losses"][0]  # it trained
+    units, accum = off["layers"] + 1, 2  # 4 decoder layers and the root (embeddings, norm, lm_head)
+    # off: every micro-batch gathers each unit in forward and again in backward, except the last layer
+    # (kept from forward to backward) and the root (never resharded after forward)
+    assert off["calls"] == {"all_gather": accum * (units + units - 2), "reduce_scatter": units, "all_reduce": 3}
+    assert on["calls"] == {"all_gather": units, "reduce_scatter": units, "all_reduce": 3}
+
+
 def test_chat_examples_have_different_supervised_lengths(wide_tiny):
     """What makes the accumulation test able to fail: with equal lengths a mean of means is right too."""
     from recipes_core.data import load_records
