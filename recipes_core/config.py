@@ -99,6 +99,11 @@ class FSDPConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    # CUDA: every tensor autograd keeps for backward goes to pinned host memory during forward and comes back
+    # when backward needs it (torch.autograd.graph.save_on_cpu). GPU memory for activations falls to one
+    # layer's working set; each saved tensor crosses PCIe twice, without overlapping compute. With
+    # activation_checkpointing only each layer's input is kept, so offloading is cheap there. Ignored on CPU.
+    activation_offload: bool = False
     # false: every layer keeps its gathered parameters from forward to backward: half the all-gathers
     # (the fewer-collectives setting where communication dominates) for the memory of a full model copy
     reshard_after_forward: bool = True

@@ -12,6 +12,7 @@ which set_model_state_dict(..., broadcast_from_rank0=True) sends tensor by tenso
 
 from __future__ import annotations
 
+
 import gc
 import os
 import random
@@ -19,7 +20,7 @@ import sys
 import types
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,6 +278,13 @@ def shard_model(model: nn.Module, mesh, mp_policy, cpu_offload: bool = False,
         fully_shard(layer, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload)
     return model
+
+
+def offloaded_activations(enabled: bool):
+    """The context for a forward pass under fsdp.activation_offload: what autograd saves for backward is
+    packed into pinned CPU memory and unpacked on the GPU in backward (the copies are synchronous: no
+    overlap with compute, unlike stream-based offloading). Only the forward needs to run inside it."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=True) if enabled else nullcontext()
 
 
 def compile_layers(model: nn.Module) -> None:

@@ -158,7 +158,8 @@ class StepResult:
 
 
 def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.DistEnv,
-               max_grad_norm: float = 0.0, loss_chunk_size: int = 0, gather_once_per_step: bool = False) -> StepResult:
+               max_grad_norm: float = 0.0, loss_chunk_size: int = 0, gather_once_per_step: bool = False,
+               activation_offload: bool = False) -> StepResult:
     """Steps 2-4 of the module docstring over this rank's micro-batches; every rank calls it together.
 
     `model` is the FSDP2 model of build_sharded_model, or a plain module in a group of one (the
@@ -166,6 +167,7 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.Di
     loss_chunk_size > 0: the loss of a micro-batch with more tokens is computed in chunks (train.loss_chunk_size).
     gather_once_per_step (fsdp.gather_once_per_step, with a model sharded the same way): the parameters
     gathered by the first micro-batch stay gathered until the last one's backward, which frees them.
+    activation_offload (fsdp.activation_offload, CUDA): the forward's saved tensors wait in host memory.
 
     Collectives per step (2 ranks, counted by profiling.count_collectives): the all-gathers and
     reduce-scatters of FSDP, plus three small all-reduces: the supervised-token count, the clipping's
@@ -181,7 +183,8 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.Di
             model.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-batch
             if gather_once_per_step:  # no all-gather for the next micro-batch: free them after the last backward
                 model.set_reshard_after_backward(last)
-        loss_sum = token_loss_sum(model, batch, env.device, loss_chunk_size)
+        with D.offloaded_activations(activation_offload):
+            loss_sum = token_loss_sum(model, batch, env.device, loss_chunk_size)
         # FSDP averages gradients over ranks; x world_size turns that average into the sum we want.
         (loss_sum * env.world_size / global_supervised.to(loss_sum.dtype)).backward()
         local_loss += loss_sum.detach().double()
@@ -247,6 +250,8 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
     cpu_offload = cfg.fsdp.cpu_offload and env.device.type == "cuda"
     if cfg.fsdp.cpu_offload and not cpu_offload:
         print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
+    if cfg.fsdp.activation_offload and env.device.type != "cuda" and env.is_main:
+        print("fsdp.activation_offload ignored: activations are already in CPU memory", file=sys.stderr)
     D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
                   cfg.fsdp.reshard_after_forward, cfg.fsdp.gather_once_per_step)
     D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
@@ -448,7 +453,8 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
             continue
         start = time.perf_counter()
         result = train_step(model, micro_batches, optimizer, scheduler, env, cfg.train.max_grad_norm,
-                            cfg.train.loss_chunk_size, cfg.fsdp.gather_once_per_step)
+                            cfg.train.loss_chunk_size, cfg.fsdp.gather_once_per_step,
+                            cfg.fsdp.activation_offload and env.device.type == "cuda")
         seconds = time.perf_counter() - start
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + accum
         state.tokens_seen += result.tokens

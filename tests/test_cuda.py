@@ -8,6 +8,7 @@ Runs (module-scoped, one rank on GPU 0, the tiny model built wider as in test_fi
   resumed    a new process resuming bf16's step_6, steps 7..12
   fp32       the same 12 steps with fsdp.mixed_precision=fp32
   offload    bf16 with fsdp.cpu_offload=true and activation checkpointing
+  activations bf16 with fsdp.activation_offload=true (saved activations in pinned host memory)
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ def gpu_runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cuda")
     base = COMMON + ["model.source=hf", f"model.path={model_dir}", "train.micro_batch_size=4",
                      "train.grad_accum_steps=1", "train.deterministic=true"]
-    paths = {name: root / name for name in ("bf16", "resumed", "fp32", "offload")}
+    paths = {name: root / name for name in ("bf16", "resumed", "fp32", "offload", "activations")}
     stdout = {"bf16": launch(1, paths["bf16"], base + ["checkpoint.save_every=6", "train.eval_every=6"]).stdout}
     stdout["resumed"] = launch(1, paths["resumed"], base + [f"checkpoint.resume={paths['bf16'] / f'step_{HALF}'}"]).stdout
     launch(1, paths["fp32"], base + ["fsdp.mixed_precision=fp32", "checkpoint.save_final=false"])
     launch(1, paths["offload"], base + ["fsdp.cpu_offload=true", "fsdp.activation_checkpointing=true",
                                         "checkpoint.save_final=false"])
+    launch(1, paths["activations"], base + ["fsdp.activation_offload=true", "checkpoint.save_final=false"])
     return {"paths": paths, "stdout": stdout, "model_dir": model_dir}
 
 
@@ -76,6 +78,15 @@ def test_bf16_follows_fp32_and_offload_follows_bf16(gpu_runs):
     # backward. Neither may change the run by more than bf16 rounding: an H100 run gave 6e-4 relative.
     assert offload[1] == bf16[1]  # the first step runs on identical weights
     assert max(abs(offload[s] - bf16[s]) / bf16[s] for s in bf16) < 5e-3, (offload, bf16)
+
+
+def test_activation_offload_changes_no_number_and_lowers_gpu_memory(gpu_runs):
+    # save_on_cpu copies the saved tensors to the host and back, bit for bit: the same run, other memory
+    bf16, offloaded = (losses(gpu_runs["paths"][k]) for k in ("bf16", "activations"))
+    assert offloaded == bf16
+    peak = {k: read_metrics(gpu_runs["paths"][k] / "metrics.jsonl", "train")[-1]["peak_memory_bytes_per_rank"][0]
+            for k in ("bf16", "activations")}
+    assert peak["activations"] < peak["bf16"], peak
 
 
 def test_gpu_checkpoint_converts_and_generates_on_gpu(gpu_runs, tmp_path):
