@@ -11,14 +11,17 @@ A model_source is the small dict that says how to get the model back; it is stor
 checkpoint's train_params.yaml: {"kind": ..., "path": what the user gave, "hf_dir": the local folder or
 hub name actually loaded, "tiny_variant": ...}.
 
-The trainer never loads the full weights on every rank: it builds the model on the meta device from the
-config (build_model_from_config), shards it, and rank 0 alone reads the full state dict
-(load_full_model) which is then broadcast shard by shard (see recipes_core.distributed).
+Every source but hub ends as safetensors files in a local folder, so the trainer never loads the full
+weights anywhere: it builds the model on the meta device from the config (build_model_from_config), shards
+it, and each rank reads only its own rows of each tensor (safetensors_weights, then
+distributed.load_sharded_weights). A hub name, or a folder of *.bin weights, is loaded the old way: rank 0
+reads the full model (load_full_model) and broadcasts it shard by shard.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -183,9 +186,31 @@ def reset_rotary_buffers(model: torch.nn.Module, device: torch.device | str) -> 
                 module.register_buffer(name, buffer, persistent=False)
 
 
+@contextmanager
+def safetensors_weights(hf_dir: str | Path):
+    """{name: lazy view} of the folder's safetensors weights, open for the block: `view[a:b]` reads rows a..b
+    of that tensor from the memory-mapped file and nothing else, in the file's dtype. The files are
+    model.safetensors, or those model.safetensors.index.json names (a sharded checkpoint); {} when there are
+    none (a hub name, a folder of *.bin)."""
+    from safetensors import safe_open
+
+    folder = Path(hf_dir)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    with ExitStack() as stack:
+        views = {}
+        for file in files:
+            handle = stack.enter_context(safe_open(str(folder / file), "pt"))
+            views.update((key, handle.get_slice(key)) for key in handle.keys())
+        yield views
+
+
 def load_full_model(hf_dir: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """The whole model in fp32 on CPU; its state_dict() has the plain Hugging Face names (tied lm_head
-    included). In training only rank 0 calls this."""
+    included). In training only rank 0 calls this, and only where the weights are not in safetensors files."""
     return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 
