@@ -219,9 +219,11 @@ def setup_inputs(cfg: Config, env: D.DistEnv, resume_dir: Path | None):
     return cfg, source, tokenizer, model_config
 
 
-def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: dict):
+def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: dict, from_rank0: bool = False):
     """Meta-device model on every rank, sharded, then each rank reads its own rows of the weights from the
-    safetensors files (D.load_sharded_weights: no full copy anywhere, no broadcast)."""
+    safetensors files (D.load_sharded_weights: no full copy anywhere, no broadcast). from_rank0=True loads
+    the way kept for folders without safetensors (rank 0 reads it all and broadcasts), which the tests and
+    benchmarks/load_memory.py compare against."""
     torch.manual_seed(cfg.train.seed)  # same LoRA init on every rank
     model = build_model_from_config(model_config, device="meta")
     if cfg.lora.enabled:
@@ -237,9 +239,15 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
         if cfg.lora.enabled:  # peft's names; the adapters are in no file
             adapters = initial_adapter_weights(model_config, cfg.lora, cfg.train.seed)
             weights = weight_sources(D.state_tensors(model), weights, adapters)
-        if set(D.state_tensors(model)) <= set(weights):
+        missing = [name for name in D.state_tensors(model) if name not in weights]
+        if not missing and not from_rank0:
+            if env.is_main:
+                print(f"loading weights: each rank reads its own rows of {hf_dir}'s safetensors files")
             D.load_sharded_weights(model, weights, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
         else:  # no safetensors (a hub name, *.bin), or names transformers maps on load: from_pretrained on rank 0
+            if env.is_main:
+                why = f"{hf_dir} has no safetensors tensor named {missing[0]}" if missing else "from_rank0=True"
+                print(f"loading weights: rank 0 reads the whole model and broadcasts it ({why})")
             D.load_full_weights_from_rank0(model, full_state_on_rank0(cfg, env, hf_dir), env.device, cpu_offload,
                                            reset_buffers=reset_rotary_buffers)
     model.train()

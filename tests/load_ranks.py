@@ -14,22 +14,9 @@ from torch.distributed.tensor import DTensor
 
 from recipes_core import distributed as D
 from recipes_core.config import load_config
-from recipes_core.finetune import build_sharded_model, full_state_on_rank0
+from recipes_core.finetune import build_sharded_model
 from recipes_core.lora import add_lora
-from recipes_core.models import build_model_from_config, load_full_model, load_model_config, reset_rotary_buffers
-
-
-def broadcast_load(cfg, env, hf_dir: str, model_config: dict):
-    """The model as the recipe loaded it before sharded loading: rank 0 reads it all and broadcasts."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model_from_config(model_config, device="meta")
-    if cfg.lora.enabled:
-        model = add_lora(model, cfg.lora)
-    D.shard_model(model, D.build_mesh(env, cfg.fsdp.sharding, cfg.fsdp.replicate_degree),
-                  D.mixed_precision_policy(cfg.fsdp.mixed_precision, env.device)[0])
-    D.load_full_weights_from_rank0(model, full_state_on_rank0(cfg, env, hf_dir), env.device,
-                                   reset_buffers=reset_rotary_buffers)
-    return model
+from recipes_core.models import load_full_model, load_model_config
 
 
 def bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,7 +28,7 @@ def check(env, hf_dir: str, overrides: list[str]) -> dict:
     cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={hf_dir}", *overrides])
     model_config = load_model_config(hf_dir)
     sharded = build_sharded_model(cfg, env, hf_dir, model_config)[0]
-    broadcast = broadcast_load(cfg, env, hf_dir, model_config)
+    broadcast = build_sharded_model(cfg, env, hf_dir, model_config, from_rank0=True)[0]  # the old way
     reference = load_full_model(hf_dir)  # one process's model (tiny: every rank can afford it)
     if cfg.lora.enabled:
         torch.manual_seed(cfg.train.seed)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from recipes_core.launch import run_script
@@ -22,8 +23,7 @@ def test_sharded_load_equals_the_rank0_broadcast_bit_for_bit(tiny_models, tmp_pa
     tied = LlamaForCausalLM(tiny_llama_config(vocab_size=301, hidden_size=136, intermediate_size=350,
                                               tie_word_embeddings=True)).to(torch.bfloat16)
     tied.save_pretrained(tmp_path / "tied_bf16")
-    assert "lm_head.weight" not in __import__("safetensors.torch").torch.load_file(
-        tmp_path / "tied_bf16" / "model.safetensors")  # save_pretrained keeps one copy of a tied weight
+    assert "lm_head.weight" not in load_file(tmp_path / "tied_bf16" / "model.safetensors")  # one copy of a tied weight
     # The same model with its weights in pytorch_model.bin: no safetensors, so rank 0 loads and broadcasts.
     (tmp_path / "bin").mkdir()
     tied.config.save_pretrained(tmp_path / "bin")
@@ -36,9 +36,13 @@ def test_sharded_load_equals_the_rank0_broadcast_bit_for_bit(tiny_models, tmp_pa
              "lora": f"{untied},lora.enabled=true,lora.r=4",
              "bin": f"{tmp_path / 'bin'}"}
     out = tmp_path / "report.json"
-    run_script(Path(__file__).with_name("load_ranks.py"), [str(out), *(f"{k}={v}" for k, v in cases.items())],
+    result = run_script(Path(__file__).with_name("load_ranks.py"), [str(out), *(f"{k}={v}" for k, v in cases.items())],
                nproc=2, log=tmp_path / "log.txt")
     report = json.loads(out.read_text())
+    log = result.stdout  # which way each case loaded (rank 0 says it)
+    assert log.count("loading weights: each rank reads its own rows") == 4, log  # all but bin
+    assert log.count("loading weights: rank 0 reads the whole model and broadcasts it (from_rank0=True)") == 4, log
+    assert log.count("/bin has no safetensors tensor named model.embed_tokens.weight)") == 2, log
     for name, ranks in report.items():
         for rank, r in enumerate(ranks):
             assert r["names"] and r["n"] > 0, (name, rank, r)
