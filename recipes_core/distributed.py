@@ -9,7 +9,7 @@ need N x 280 GB, and one rank reading it all to broadcast it needs 280 GB on tha
 builds the model on the meta device (shapes only, no memory), shards it with fully_shard, allocates only
 its own shards (to_empty), and fills them with the rows of the safetensors files that are its own
 (load_sharded_weights): each rank reads 1/N of the weights, and none of them sends any. Where the weights
-are not in safetensors files (a hub name, a folder of *.bin), rank 0 alone reads the full weights, which
+are not in safetensors files (only *.bin), rank 0 alone reads the full weights, which
 set_model_state_dict(..., broadcast_from_rank0=True) sends tensor by tensor to the shards
 (load_full_weights_from_rank0).
 """

@@ -244,7 +244,7 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
             if env.is_main:
                 print(f"loading weights: each rank reads its own rows of {hf_dir}'s safetensors files")
             D.load_sharded_weights(model, weights, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
-        else:  # no safetensors (a hub name, *.bin), or names transformers maps on load: from_pretrained on rank 0
+        else:  # no safetensors (only *.bin), or names transformers maps on load: from_pretrained on rank 0
             if env.is_main:
                 why = f"{hf_dir} has no safetensors tensor named {missing[0]}" if missing else "from_rank0=True"
                 print(f"loading weights: rank 0 reads the whole model and broadcasts it ({why})")

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 # glibc malloc setting for CPU training runs: every allocation above 128 KiB gets its own mapping and goes
-# back to the OS when freed. glibc's default threshold grows (up to 32 MiB) after large frees such as rank 0's
-# load-time full copy; after that FSDP's per-layer all-gather buffers and gradients come from malloc's arenas
+# back to the OS when freed. glibc's default threshold grows (up to 32 MiB) after large frees such as the
+# optimizer's first allocation (or rank 0's full copy when it loads a model for broadcast); after that FSDP's per-layer all-gather buffers and gradients come from malloc's arenas
 # and stay resident once freed, so per-rank RSS barely falls with the number of ranks (SmolLM2 on 2 and 4
 # ranks: 1.6x and 2.3x the FSDP arithmetic, against 0.99x and 1.02x with this; benchmarks/RESULTS.md). An
 # allocator setting, not FSDP's; glibc reads it at process start, hence set by the launchers. Harmless on
