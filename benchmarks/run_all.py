@@ -25,7 +25,8 @@ SCRIPTS = {"train_compare_tiny": ("train_compare", ["--models", "tiny"]),
            "train_compare_smollm2": ("train_compare", ["--models", "smollm2"]), "train_profile": ("train_compare", ["--profile"]),
            "packing": ("packing", []), "mfu": ("mfu", []), "convert": ("convert_memory", []),
            "inference": ("inference", []), "memory_scaling": ("memory_scaling", []),
-           "memory_scaling_glibc_default": ("memory_scaling", ["--glibc-default"])}
+           "memory_scaling_glibc_default": ("memory_scaling", ["--glibc-default"]),
+           "load_memory": ("load_memory", [])}
 SMOKE_SKIP = {"memory_scaling_glibc_default", "train_compare_smollm2"}  # --smoke runs the same as another entry
 GPU_ONLY = {"cuda_train_compare": ("cuda_train_compare", [])}  # added where torch sees a GPU
 

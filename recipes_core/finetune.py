@@ -235,21 +235,21 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
         print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
     D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
                   cfg.fsdp.reshard_after_forward)
-    with safetensors_weights(hf_dir) as weights:
-        if cfg.lora.enabled:  # peft's names; the adapters are in no file
-            adapters = initial_adapter_weights(model_config, cfg.lora, cfg.train.seed)
-            weights = weight_sources(D.state_tensors(model), weights, adapters)
-        missing = [name for name in D.state_tensors(model) if name not in weights]
-        if not missing and not from_rank0:
-            if env.is_main:
-                print(f"loading weights: each rank reads its own rows of {hf_dir}'s safetensors files")
-            D.load_sharded_weights(model, weights, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
-        else:  # no safetensors (only *.bin), or names transformers maps on load: from_pretrained on rank 0
-            if env.is_main:
-                why = f"{hf_dir} has no safetensors tensor named {missing[0]}" if missing else "from_rank0=True"
-                print(f"loading weights: rank 0 reads the whole model and broadcasts it ({why})")
-            D.load_full_weights_from_rank0(model, full_state_on_rank0(cfg, env, hf_dir), env.device, cpu_offload,
-                                           reset_buffers=reset_rotary_buffers)
+    weights = safetensors_weights(hf_dir)
+    if cfg.lora.enabled:  # peft's names; the adapters are in no file
+        adapters = initial_adapter_weights(model_config, cfg.lora, cfg.train.seed)
+        weights = weight_sources(D.state_tensors(model), weights, adapters)
+    missing = [name for name in D.state_tensors(model) if name not in weights]
+    if not missing and not from_rank0:
+        if env.is_main:
+            print(f"loading weights: each rank reads its own rows of {hf_dir}'s safetensors files")
+        D.load_sharded_weights(model, weights, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
+    else:  # no safetensors (only *.bin), or names transformers maps on load: from_pretrained on rank 0
+        if env.is_main:
+            why = f"{hf_dir} has no safetensors tensor named {missing[0]}" if missing else "from_rank0=True"
+            print(f"loading weights: rank 0 reads the whole model and broadcasts it ({why})")
+        D.load_full_weights_from_rank0(model, full_state_on_rank0(cfg, env, hf_dir), env.device, cpu_offload,
+                                       reset_buffers=reset_rotary_buffers)
     model.train()
     return model, precision, dict(zip(mesh.mesh_dim_names, mesh.shape))
 

@@ -22,7 +22,6 @@ old way: rank 0 reads the full model (load_full_model) and broadcasts it shard b
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -204,12 +203,26 @@ def reset_rotary_buffers(model: torch.nn.Module, device: torch.device | str) -> 
                 module.register_buffer(name, buffer, persistent=False)
 
 
-@contextmanager
-def safetensors_weights(hf_dir: str | Path):
-    """{name: lazy view} of the folder's safetensors weights, open for the block: `view[a:b]` reads rows a..b
-    of that tensor from the memory-mapped file and nothing else, in the file's dtype. The files are
-    model.safetensors, or those model.safetensors.index.json names (a sharded checkpoint); {} when there are
-    none (a folder of *.bin, a hub repo without safetensors)."""
+class SafetensorsTensor:
+    """One tensor of a safetensors file, read on demand: `tensor[a:b]` reads rows a..b, in the file's dtype,
+    and nothing else. The file is opened for each read, not once for the whole load: safetensors maps it
+    into memory, and every page a read touched counts in the process's RSS for as long as the mapping
+    lives, which would add this rank's share of the file to its peak."""
+
+    def __init__(self, file: Path, name: str):
+        self.file, self.name = file, name
+
+    def __getitem__(self, index) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), "pt") as handle:
+            return handle.get_slice(self.name)[index]
+
+
+def safetensors_weights(hf_dir: str | Path) -> dict[str, SafetensorsTensor]:
+    """{name: SafetensorsTensor} for the folder's safetensors weights: model.safetensors, or the files
+    model.safetensors.index.json names (a checkpoint in several files); {} when there are none (a folder
+    of *.bin, a hub repo without safetensors). Reads only the files' headers."""
     from safetensors import safe_open
 
     folder = Path(hf_dir)
@@ -218,12 +231,11 @@ def safetensors_weights(hf_dir: str | Path):
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
     else:
         files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
-    with ExitStack() as stack:
-        views = {}
-        for file in files:
-            handle = stack.enter_context(safe_open(str(folder / file), "pt"))
-            views.update((key, handle.get_slice(key)) for key in handle.keys())
-        yield views
+    weights = {}
+    for file in files:
+        with safe_open(str(folder / file), "pt") as handle:
+            weights.update((name, SafetensorsTensor(folder / file, name)) for name in handle.keys())
+    return weights
 
 
 def load_full_model(hf_dir: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
