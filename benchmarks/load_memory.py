@@ -1,4 +1,4 @@
-"""Benchmark 7: host memory per rank while the model loads: sharded loading against rank 0's broadcast.
+"""Benchmark 8: host memory per rank while the model loads: sharded loading against rank 0's broadcast.
 
     .venv/bin/python benchmarks/load_memory.py [--model smollm2] [--ranks 2,4] [--rounds 3] [--smoke]
 
@@ -124,7 +124,7 @@ def main(argv=None):
         "its state dict while set_model_state_dict(broadcast_from_rank0=True) sends it.",
         f"1 thread per rank; every rank with the launchers' {MALLOC_ENV}.",
     ]
-    return C.save_result("load_memory", "7. Loading: rank 0's memory against the other ranks'", C.command_line(),
+    return C.save_result("load_memory", "8. Loading: rank 0's memory against the other ranks'", C.command_line(),
                          {"model": model, "ranks": ranks, "rounds": rounds}, rows, ratios, notes, args.smoke, plot)
 
 
