@@ -235,11 +235,11 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
         print("fsdp.cpu_offload ignored: parameters are already in CPU memory", file=sys.stderr)
     D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
                   cfg.fsdp.reshard_after_forward)
-    weights = safetensors_weights(hf_dir)
+    weights, names = safetensors_weights(hf_dir), list(D.state_tensors(model))
     if cfg.lora.enabled:  # peft's names; the adapters are in no file
         adapters = initial_adapter_weights(model_config, cfg.lora, cfg.train.seed)
-        weights = weight_sources(D.state_tensors(model), weights, adapters)
-    missing = [name for name in D.state_tensors(model) if name not in weights]
+        weights = weight_sources(names, weights, adapters)
+    missing = [name for name in names if name not in weights]
     if not missing and not from_rank0:
         if env.is_main:
             print(f"loading weights: each rank reads its own rows of {hf_dir}'s safetensors files")
