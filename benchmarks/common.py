@@ -30,7 +30,8 @@ TOTAL_THREADS = 2  # this machine's cores; every route gets the same budget (1 t
 
 # Order of the sections in RESULTS.md.
 ORDER = ["train_compare_tiny", "train_compare_smollm2", "train_profile", "packing", "mfu", "mfu_optimizer", "convert", "inference", "memory_scaling",
-         "memory_scaling_glibc_default", "compile_speed_tiny", "compile_speed_smollm2"]
+         "memory_scaling_glibc_default", "cuda_train_compare", "load_memory", "compile_speed_tiny",
+         "compile_speed_smollm2"]
 
 
 def offline_env(threads: int) -> dict[str, str]:

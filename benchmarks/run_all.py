@@ -26,6 +26,7 @@ SCRIPTS = {"train_compare_tiny": ("train_compare", ["--models", "tiny"]),
            "packing": ("packing", []), "mfu": ("mfu", []), "convert": ("convert_memory", []),
            "inference": ("inference", []), "memory_scaling": ("memory_scaling", []),
            "memory_scaling_glibc_default": ("memory_scaling", ["--glibc-default"]),
+           "load_memory": ("load_memory", []),
            "compile_speed_tiny": ("compile_speed", ["--models", "tiny"])}  # smollm2: compile_speed.py --models smollm2
 SMOKE_SKIP = {"memory_scaling_glibc_default", "train_compare_smollm2"}  # --smoke runs the same as another entry
 GPU_ONLY = {"cuda_train_compare": ("cuda_train_compare", [])}  # added where torch sees a GPU

@@ -187,7 +187,7 @@ def save(args, model, s, results, rows, ratios, failures):
         "user gets without extra flags. It is timed from `on_step_begin` to `on_step_end`, which leaves out its "
         "batch fetch and token count (our timer includes our token-count all-reduces): a small bias in the Trainer's favour.",
         "Peak RSS per process is `ru_maxrss` of each process, the same method for every route; it includes the "
-        "~450 MiB of imported libraries, and for our rank 0 the full state dict it reads and broadcasts at load time.",
+        "~450 MiB of imported libraries (in runs before sharded loading, our rank 0's also included the full state dict it read and broadcast at load time).",
         "DDP keeps full parameters, gradients and AdamW states on every rank and sends one bucketed all-reduce per "
         "step, overlapped with backward; FSDP keeps 1/N of each but all-gathers each layer in forward and backward and "
         "reduce-scatters gradients: on 2 CPU ranks with 1 thread each, gloo collectives are copies through shared "

@@ -5,9 +5,13 @@ plain `python -m recipes_core.finetune ...` becomes a one-process group, so ther
 (FSDP with one rank shards nothing but runs the same hooks, all-reduces and checkpoint code).
 
 Loading (why it is done this way): a 70B model in fp32 is 280 GB; N ranks each building it on CPU would
-need N x 280 GB. Instead every rank builds the model on the meta device (shapes only, no memory), shards
-it with fully_shard, allocates only its own shards (to_empty), and rank 0 alone reads the full weights,
-which set_model_state_dict(..., broadcast_from_rank0=True) sends tensor by tensor to the shards.
+need N x 280 GB, and one rank reading it all to broadcast it needs 280 GB on that rank. Instead every rank
+builds the model on the meta device (shapes only, no memory), shards it with fully_shard, allocates only
+its own shards (to_empty), and fills them with the rows of the safetensors files that are its own
+(load_sharded_weights): each rank reads 1/N of the weights, and none of them sends any. Where the weights
+are not in safetensors files (only *.bin), rank 0 alone reads the full weights, which
+set_model_state_dict(..., broadcast_from_rank0=True) sends tensor by tensor to the shards
+(load_full_weights_from_rank0).
 """
 
 from __future__ import annotations
@@ -295,6 +299,41 @@ def compile_layers(model: nn.Module) -> None:
     the compiled code: only the first step pays for compiling."""
     for layer in decoder_layers(model):
         layer.compile()
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a load must fill, by state-dict name: a tied weight once, under its first name
+    (model.embed_tokens.weight, not lm_head.weight, which is the same Parameter and which save_pretrained
+    leaves out of the file)."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():  # keep_vars: the Parameters themselves
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor
+    return tensors
+
+
+def load_sharded_weights(model: nn.Module, weights: dict, device: torch.device, cpu_offload: bool = False, *,
+                         reset_buffers) -> None:
+    """Allocate this rank's shards and fill each with its own rows of the full tensor, read from `weights`
+    (name -> full tensor, or a lazy view that reads only the rows it is indexed with, as
+    models.safetensors_weights gives): no rank holds more than its shards plus one shard being read, and
+    nothing is sent between ranks. The DTensor says which rows are this rank's (FSDP2 shards dim 0 like
+    torch.chunk, the last ranks shorter or empty; with HSDP each replica reads the same rows). copy_
+    converts the file's dtype (bf16, say) to the parameter's, as from_pretrained(dtype=...) does.
+    reset_buffers as in load_full_weights_from_rank0."""
+    from torch.distributed.tensor import DTensor
+
+    model.to_empty(device="cpu" if cpu_offload else device)
+    with torch.no_grad():
+        for name, tensor in state_tensors(model).items():
+            if isinstance(tensor, DTensor):
+                shape, offset = torch_internals.local_shape_and_offset(tensor)
+                tensor = tensor.to_local()
+            else:
+                shape, offset = tuple(tensor.shape), (0,) * tensor.dim()
+            tensor.copy_(weights[name][tuple(slice(start, start + n) for start, n in zip(offset, shape))])
+    reset_buffers(model, device)
 
 
 def load_full_weights_from_rank0(model: nn.Module, full_state_dict: dict | None, device: torch.device,

@@ -43,11 +43,11 @@ from recipes_core import faults, preflight
 from recipes_core.collate import pack_examples, packed_collate, pad_collate
 from recipes_core.config import Config, dump, load_config, to_dict
 from recipes_core.errors import command
-from recipes_core.lora import add_lora, lora_fields
+from recipes_core.lora import add_lora, initial_adapter_weights, lora_fields, weight_sources
 from recipes_core.loss import chunked_token_loss_sum
 from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import (build_model_from_config, load_full_model, load_model_config, reset_rotary_buffers,
-                                 resolve_model_source)
+                                 resolve_model_source, safetensors_weights)
 from recipes_core.preprocess import today_for_templates, tokenize_file
 from recipes_core.profiling import StepProfiler
 from recipes_core.tokens import load_tokenizer
@@ -231,20 +231,15 @@ def setup_inputs(cfg: Config, env: D.DistEnv, resume_dir: Path | None):
     return cfg, source, tokenizer, model_config
 
 
-def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: dict):
-    """Meta-device model on every rank, sharded, then filled from rank 0's full copy."""
-    torch.manual_seed(cfg.train.seed)  # same LoRA init on every rank (rank 0's copy is what counts)
+def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: dict, from_rank0: bool = False):
+    """Meta-device model on every rank, sharded, then each rank reads its own rows of the weights from the
+    safetensors files (D.load_sharded_weights: no full copy anywhere, no broadcast). from_rank0=True loads
+    the way kept for folders without safetensors (rank 0 reads it all and broadcasts), which the tests and
+    benchmarks/load_memory.py compare against."""
+    torch.manual_seed(cfg.train.seed)  # same LoRA init on every rank
     model = build_model_from_config(model_config, device="meta")
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
-    full_state = None
-    if env.is_main:
-        reference = load_full_model(hf_dir, cfg.model.trust_remote_code)
-        if cfg.lora.enabled:
-            torch.manual_seed(cfg.train.seed)
-            reference = add_lora(reference, cfg.lora)
-        full_state = reference.state_dict()
-        del reference
     mesh = D.build_mesh(env, cfg.fsdp.sharding, cfg.fsdp.replicate_degree)
     mp_policy, precision = D.mixed_precision_policy(cfg.fsdp.mixed_precision, env.device)
     cpu_offload = cfg.fsdp.cpu_offload and env.device.type == "cuda"
@@ -254,12 +249,37 @@ def build_sharded_model(cfg: Config, env: D.DistEnv, hf_dir: str, model_config: 
         print("fsdp.activation_offload ignored: activations are already in CPU memory", file=sys.stderr)
     D.shard_model(model, mesh, mp_policy, cpu_offload, cfg.fsdp.activation_checkpointing,
                   cfg.fsdp.reshard_after_forward, cfg.fsdp.gather_once_per_step)
-    D.load_full_weights_from_rank0(model, full_state, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
-    del full_state
+    weights, names = safetensors_weights(hf_dir), list(D.state_tensors(model))
+    if cfg.lora.enabled:  # peft's names; the adapters are in no file
+        adapters = initial_adapter_weights(model_config, cfg.lora, cfg.train.seed)
+        weights = weight_sources(names, weights, adapters)
+    missing = [name for name in names if name not in weights]
+    if not missing and not from_rank0:
+        if env.is_main:
+            print(f"loading weights: each rank reads its own rows of {hf_dir}'s safetensors files")
+        D.load_sharded_weights(model, weights, env.device, cpu_offload, reset_buffers=reset_rotary_buffers)
+    else:  # no safetensors (only *.bin), or names transformers maps on load: from_pretrained on rank 0
+        if env.is_main:
+            why = f"{hf_dir} has no safetensors tensor named {missing[0]}" if missing else "from_rank0=True"
+            print(f"loading weights: rank 0 reads the whole model and broadcasts it ({why})")
+        D.load_full_weights_from_rank0(model, full_state_on_rank0(cfg, env, hf_dir), env.device, cpu_offload,
+                                       reset_buffers=reset_rotary_buffers)
     if cfg.train.compile:
         D.compile_layers(model)
     model.train()
     return model, precision, dict(zip(mesh.mesh_dim_names, mesh.shape))
+
+
+def full_state_on_rank0(cfg: Config, env: D.DistEnv, hf_dir: str) -> dict | None:
+    """The whole model's state dict on rank 0 (from_pretrained, LoRA adapters added as on every rank), None
+    on the others: the fallback of build_sharded_model, which rank 0 broadcasts."""
+    if not env.is_main:
+        return None
+    reference = load_full_model(hf_dir, cfg.model.trust_remote_code)
+    if cfg.lora.enabled:
+        torch.manual_seed(cfg.train.seed)
+        reference = add_lora(reference, cfg.lora)
+    return reference.state_dict()
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:

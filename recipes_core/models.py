@@ -5,15 +5,18 @@ its chat template), once, on one process:
   tiny  -> recipes_core.tiny.build_tiny(path) and its base/ or instruct/ folder
   gguf  -> gguf_to_hf(file): transformers dequantizes the GGUF (~30 s for 135M parameters), the weights are
            copied into a plain LlamaForCausalLM and saved; the folder is reused on the next run
-  hf    -> the folder itself;  hub -> the name (from_pretrained downloads it; needs the network)
+  hf    -> the folder itself
+  hub   -> its folder in the Hugging Face cache (hub_folder: downloaded once, needs the network that time)
 
 A model_source is the small dict that says how to get the model back; it is stored in every
 checkpoint's train_params.yaml: {"kind": ..., "path": what the user gave, "hf_dir": the local folder or
 hub name actually loaded, "tiny_variant": ...}.
 
-The trainer never loads the full weights on every rank: it builds the model on the meta device from the
-config (build_model_from_config), shards it, and rank 0 alone reads the full state dict
-(load_full_model) which is then broadcast shard by shard (see recipes_core.distributed).
+Every source ends as safetensors files in a local folder, so the trainer never loads the full weights
+anywhere: it builds the model on the meta device from the config (build_model_from_config), shards it, and
+each rank reads only its own rows of each tensor (safetensors_weights, then
+distributed.load_sharded_weights). Only a folder or hub repo with nothing but *.bin weights is loaded the
+old way: rank 0 reads the full model (load_full_model) and broadcasts it shard by shard.
 """
 
 from __future__ import annotations
@@ -139,6 +142,21 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path | None = None, force: 
     return out
 
 
+# The files of a hub repo that training reads: not the `original/*.pth` checkpoints some repos carry beside the
+# safetensors (Meta's Llama repos: a second full copy of the weights).
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.py"]
+
+
+def hub_folder(name: str) -> str:
+    """A hub model as its local folder in the Hugging Face cache (downloaded once; found there without the
+    network when HF_HUB_OFFLINE=1), so that each rank can read its own rows of its safetensors files like
+    any other folder. A repo without safetensors (only *.bin) stays the name: from_pretrained loads it."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(str(name), allow_patterns=HUB_FILES))
+    return str(folder) if list(folder.glob("*.safetensors")) else str(name)
+
+
 def resolve_model_source(kind: str, path: str = "", tiny_variant: str = "instruct") -> dict:
     """Materialize the source as a local HF folder (call on one process, then barrier) and return the
     model_source dict that train_params.yaml stores."""
@@ -152,7 +170,9 @@ def resolve_model_source(kind: str, path: str = "", tiny_variant: str = "instruc
             raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
         hf_dir = str(path)
     elif kind == "hub":
-        return {"kind": kind, "path": str(path), "hf_dir": str(path), "tiny_variant": tiny_variant}
+        hf_dir = hub_folder(path)
+        if hf_dir == str(path):  # no safetensors in the repo: from_pretrained(name) on rank 0
+            return {"kind": kind, "path": str(path), "hf_dir": hf_dir, "tiny_variant": tiny_variant}
     else:
         raise ValueError(f"unknown model source {kind!r}; use tiny, hf, hub or gguf")
     # Absolute, so that a checkpoint's train_params.yaml works from any working directory.
@@ -183,9 +203,44 @@ def reset_rotary_buffers(model: torch.nn.Module, device: torch.device | str) -> 
                 module.register_buffer(name, buffer, persistent=False)
 
 
+class SafetensorsTensor:
+    """One tensor of a safetensors file, read on demand: `tensor[a:b]` reads rows a..b, in the file's dtype,
+    and nothing else. The file is opened for each read, not once for the whole load: safetensors maps it
+    into memory, and every page a read touched counts in the process's RSS for as long as the mapping
+    lives, which would add this rank's share of the file to its peak."""
+
+    def __init__(self, file: Path, name: str):
+        self.file, self.name = file, name
+
+    def __getitem__(self, index) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.file), "pt") as handle:
+            return handle.get_slice(self.name)[index]
+
+
+def safetensors_weights(hf_dir: str | Path) -> dict[str, SafetensorsTensor]:
+    """{name: SafetensorsTensor} for the folder's safetensors weights: model.safetensors, or the files
+    model.safetensors.index.json names (a checkpoint in several files); {} when there are none (a folder
+    of *.bin, a hub repo without safetensors). Reads only the files' headers."""
+    from safetensors import safe_open
+
+    folder = Path(hf_dir)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    weights = {}
+    for file in files:
+        with safe_open(str(folder / file), "pt") as handle:
+            weights.update((name, SafetensorsTensor(folder / file, name)) for name in handle.keys())
+    return weights
+
+
 def load_full_model(hf_dir: str | Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """The whole model in fp32 on CPU; its state_dict() has the plain Hugging Face names (tied lm_head
-    included). In training only rank 0 calls this."""
+    included). In training only rank 0 calls this, and only where the weights are not in safetensors files."""
     return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, trust_remote_code=trust_remote_code)
 
 

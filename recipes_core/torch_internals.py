@@ -5,6 +5,8 @@
                            with weights_only=True (weights_only_load_planner, used by checkpoint.load_checkpoint)
   restricted unpickler     the private classes a DCP .metadata pickle is made of (DCP_METADATA_GLOBALS, which
                            safety.ALLOWED_GLOBALS admits)
+  sharded loading          where a DTensor's local part lies in the full tensor (local_shape_and_offset, used
+                           by distributed.load_sharded_weights)
 
 Each hook in HOOKS names what it uses; `check()` reports the ones the installed torch no longer has, so an
 upgrade that removes or renames one fails loudly (tests/test_torch_internals.py, and a warning at import)
@@ -93,6 +95,17 @@ def _planner_internals_present() -> bool:
                                                    "state_dict"))
 
 
+# ----- sharded loading ---------------------------------------------------------------------------------
+
+def local_shape_and_offset(tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(shape, offset) of this rank's local part of a DTensor within the full tensor, by DTensor's own rule
+    (torch.chunk along each Shard dim: the last ranks get fewer rows, or none; a Replicate dim takes all),
+    which is also how FSDP2 shards. torch has no public function for it."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+
+
 # (module, name) of torch's classes and functions a DCP .metadata pickle is built from, as torch 2.13 writes
 # it; the leading-underscore ones are private. A rename makes the restricted unpickler refuse every checkpoint.
 DCP_METADATA_GLOBALS = {
@@ -119,6 +132,8 @@ HOOKS = {
     "torch.distributed.distributed_c10d._world.pg_map": _has_pg_map,
     "torch.distributed.checkpoint DefaultLoadPlanner internals (load_bytes, _nested_dict.set_element)":
         _planner_internals_present,
+    "torch.distributed.tensor._utils.compute_local_shape_and_global_offset":
+        functools.partial(_importable, "torch.distributed.tensor._utils", "compute_local_shape_and_global_offset"),
     **{f"{module}.{name}": functools.partial(_importable, module, name) for module, name in sorted(DCP_METADATA_GLOBALS)
        if name.startswith("_")},
 }
@@ -135,5 +150,5 @@ _missing = check()
 if _missing:
     warnings.warn(f"torch {torch.__version__} lacks {', '.join(_missing)}, private internals recipes_core relies on "
                   "(see recipes_core/torch_internals.py): the process-group teardown may no longer free the group "
-                  "before exit, checkpoints may no longer load with weights_only=True, or the restricted "
-                  "unpickler may refuse every checkpoint", RuntimeWarning)
+                  "before exit, checkpoints may no longer load with weights_only=True, the restricted "
+                  "unpickler may refuse every checkpoint, or loading the model's weights may fail", RuntimeWarning)

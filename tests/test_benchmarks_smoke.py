@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 # train_compare's --profile mode (two more torchrun launches, ~30 s) is left out: the script itself is covered.
 SCRIPTS = [("convert_memory", [], "convert"), ("train_compare", [], "train_compare_tiny"),
            ("packing", [], "packing"), ("mfu", [], "mfu"), ("inference", [], "inference"),
-           ("memory_scaling", [], "memory_scaling"), ("cuda_train_compare", [], "cuda_train_compare")]
+           ("memory_scaling", [], "memory_scaling"), ("load_memory", [], "load_memory"),
+           ("cuda_train_compare", [], "cuda_train_compare")]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -88,3 +88,25 @@ def test_converted_smollm2_loads_with_its_chat_template(smollm2_hf):
     with torch.no_grad():
         next_token = model(ids).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"
+
+
+def test_a_hub_source_resolves_to_its_folder_in_the_hugging_face_cache(tiny_models, tmp_path, monkeypatch):
+    """model.source=hub ends as a local folder of safetensors too (so each rank reads its own rows of it):
+    the snapshot folder of the Hugging Face cache, found without the network. The cache is laid out as
+    huggingface_hub writes it (refs/main names the snapshot); a repo without safetensors stays a name."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo, keep in (("acme--tiny", "*"), ("acme--bin-only", "*.json")):
+        (tmp_path / f"models--{repo}" / "refs").mkdir(parents=True)
+        (tmp_path / f"models--{repo}" / "refs" / "main").write_text(commit)
+        shutil.copytree(tiny_models["instruct"], tmp_path / f"models--{repo}" / "snapshots" / commit,
+                        ignore=lambda folder, names: [n for n in names if not Path(n).match(keep)])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    source = resolve_model_source("hub", "acme/tiny")
+    assert source["hf_dir"] == str(tmp_path / "models--acme--tiny" / "snapshots" / commit)
+    assert source["path"] == "acme/tiny" and (Path(source["hf_dir"]) / "model.safetensors").is_file()
+    assert resolve_model_source("hub", "acme/bin-only")["hf_dir"] == "acme/bin-only"
