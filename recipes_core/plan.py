@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-chunk-size", type=int, default=None, help="tokens per chunk (default 1024 with "
                         "--chunked-loss, the recipe's train.loss_chunk_size)")
     parser.add_argument("--runtime-overhead", default=None,
-                        help="per process memory the runtime takes (default 1GiB on cuda, 0.45GiB on cpu)")
+                        help="per process memory the runtime takes (default 1GiB on cuda, 0.47GiB on cpu)")
     parser.add_argument("--device", default="cuda", help="cuda | cpu (gloo's collective copies and the runtime overhead default)")
     args = parser.parse_args(argv)
     if args.device not in ("cuda", "cpu"):
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         args.loss_chunk_size = 1024 if args.chunked_loss else 0
     # sizes parsed here, not by argparse: a bad one is one `error:` line like every other bad input
     args.gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
-    default_overhead = int((1.0 if args.device == "cuda" else 0.45) * GiB)
+    default_overhead = int((1.0 if args.device == "cuda" else 0.47) * GiB)
     args.runtime_overhead = parse_size(args.runtime_overhead) if args.runtime_overhead else default_overhead
     name, shape = resolve_model(args.model)
     settings = dict(world_size=args.world_size, micro_batch=args.micro_batch, seq_len=args.seq_len,
