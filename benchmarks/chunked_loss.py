@@ -113,7 +113,7 @@ def main(argv=None):
     shape = P.resolve_model(str(smollm2_dir() if model == "smollm2" else C.tiny_dir()))[1]
     rows, ratios = [], []
     for c in chunks:
-        predicted = P.plan(shape, 1, 1, seq, "fp32", ac == "1", False, c)["device"]  # the planner, same settings
+        predicted = P.plan(shape, 1, 1, seq, "fp32", ac == "1", False, c, device="cpu")["device"]  # same settings
         for kind in ("above_baseline", "increment"):
             per_round = [x[kind] / p[kind] for x, p in zip(runs[c], runs[0])]
             row = {"loss": "plain" if c == 0 else f"chunked, {c} tokens", "figure": kind,

@@ -1,4 +1,4 @@
-"""Benchmark 6: per-rank training memory for 1, 2 and 4 FSDP2 ranks against the FSDP arithmetic.
+"""Benchmark 6: per-rank training memory for 1, 2 and 4 FSDP2 ranks against the memory planner.
 
     .venv/bin/python benchmarks/memory_scaling.py [--model smollm2] [--ranks 1,2,4] [--smoke]
 
@@ -12,13 +12,12 @@ Method (CPU has no allocator statistics in torch 2.13, and ru_maxrss cannot be r
   peak      = highest RSS sampled every 2 ms by a thread during the training steps only (so rank 0's
               load-time full copy, freed before training, is not counted);
   measured  = peak - baseline.
-Arithmetic per rank = 16 bytes x P / N (fp32 parameters, gradients, AdamW exp_avg and exp_avg_sq)
-  + activations: bytes of the distinct tensors autograd saves for backward in one micro-batch, counted
-    with torch.autograd.graph.saved_tensors_hooks in the same run (model inputs' logits included)
-  + FSDP working set: the full-size all-gather buffers (parameters) and pre-reduce-scatter gradients of
-    the root group (embedding / lm_head, kept unsharded from forward to backward) and of two decoder
-    layers (the one computing and the one prefetched). FSDP2 allocates them at every world size.
-The issue's formula (16 P / N + activations) is reported too.
+Prediction per rank: the memory planner's (recipes_core.plan.plan, --device cpu, fp32): the larger of
+backward's start (parameters + AdamW + activations + loss/logits + FSDP working set) and backward's end
+(parameters + gradients + AdamW + the root group's reduce-scatter); its module docstring explains each term.
+The activations autograd really saves in one micro-batch (counted with saved_tensors_hooks in the same run,
+the loss's included) are reported next to the planner's, and the issue's formula (16 P / N + activations)
+too.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ SETTINGS = dict(seq=128, micro=1, steps=2)
 # Every allocation above 128 KiB gets its own mmap and goes back to the OS when freed, so RSS follows
 # the live tensors. glibc's default raises this threshold as large blocks are freed (up to 32 MiB), after
 # which FSDP's per-layer buffers (~14 MiB for SmolLM2) come from malloc arenas and stay resident when freed.
+from recipes_core import plan as P  # noqa: E402
 from recipes_core.launch import MALLOC_ENV  # noqa: E402  (the recipe's launchers set it)
 
 
@@ -120,14 +120,15 @@ def worker(model_name: str, seq: int, micro: int, steps: int) -> dict:
         return {"ranks": gathered}
 
 
-def arithmetic(r: dict) -> dict:
-    n = r["world_size"]
-    states = 16 * r["n_params"] / n
-    # FSDP2 keeps its shard and all-gathers into a separate full-size buffer (parameters), and produces
-    # full-size gradients before the reduce-scatter: root group (kept from forward to backward) + 2 layers.
-    working = 8 * (r["root_params"] + 2 * r["layer_params"])
-    return {"states": states, "activations": r["activations"], "fsdp_working_set": working,
-            "total": states + r["activations"] + working, "issue_formula": states + r["activations"]}
+def prediction(r: dict, shape, seq: int, micro: int) -> dict:
+    """The planner's prediction for this rank's run (one source of truth: recipes_core.plan)."""
+    from recipes_core import plan as P
+
+    predicted = P.plan(shape, r["world_size"], micro, seq, "fp32", device="cpu")
+    states = 16 * r["n_params"] / r["world_size"]
+    return {"states": states, "activations": r["activations"], "planner": predicted,
+            "planner_activations": predicted["parts"]["activations"] + predicted["parts"]["loss/logits"],
+            "total": predicted["device"], "issue_formula": states + r["activations"]}
 
 
 def main(argv=None):
@@ -163,39 +164,44 @@ def main(argv=None):
                                      malloc_env=not args.glibc_default), threads=1)
             data = json.loads(out.read_text())
         per_rank = []
+        shape = P.resolve_model(str(C.model_dir(model)))[1]
         for r in data["ranks"]:
-            a = arithmetic(r)
+            assert shape.params == r["n_params"], (shape.params, r["n_params"])
+            a = prediction(r, shape, s["seq"], s["micro"])
             got = r["peak"] - r["baseline"]
             per_rank.append((got, a["total"]))
             rows.append({"ranks": n, "rank": r["rank"], "baseline RSS (MiB)": r["baseline"] / 2**20,
                          "peak in fwd+bwd (MiB)": (r["peak_fwd_bwd"] - r["baseline"]) / 2**20,
                          "peak in optimizer step (MiB)": (r["peak_optim"] - r["baseline"]) / 2**20, "measured = peak - baseline (MiB)": got / 2**20,
-                         "16P/N (MiB)": a["states"] / 2**20, "activations (MiB)": a["activations"] / 2**20,
-                         "FSDP working set (MiB)": a["fsdp_working_set"] / 2**20,
-                         "arithmetic (MiB)": a["total"] / 2**20, "measured / arithmetic": got / a["total"],
+                         "16P/N (MiB)": a["states"] / 2**20, "activations counted (MiB)": a["activations"] / 2**20,
+                         "planner: activations + loss/logits (MiB)": a["planner_activations"] / 2**20,
+                         "planner: backward start (MiB)": a["planner"]["moments"]["backward start"] / 2**20,
+                         "planner: backward end (MiB)": a["planner"]["moments"]["backward end"] / 2**20,
+                         "planner (MiB)": a["total"] / 2**20, "measured / planner": got / a["total"],
                          "measured / (16P/N + activations)": got / a["issue_formula"]})
         worst = max(per_rank, key=lambda x: abs(x[0] / x[1] - 1))
         rel = worst[0] / worst[1]
-        ratios.append(C.ratio(f"{model}, {n} rank(s): measured / arithmetic (worst rank)", rel,
+        ratios.append(C.ratio(f"{model}, {n} rank(s): measured / planner (worst rank)", rel,
                               "within 15% (0.85-1.15x)", 0.85 <= rel <= 1.15))
         measured.append(max(x[0] for x in per_rank) / 2**20)
         predicted.append(max(x[1] for x in per_rank) / 2**20)
     plot = C.bar_plot(C.plot_path("memory_scaling" + ("_glibc_default" if args.glibc_default else ""), args.smoke), f"Per-rank training memory, {model} (max over ranks)",
                       [f"{n} rank(s)" for n in ranks], {"measured (peak RSS - baseline)": measured,
-                                                        "FSDP arithmetic": predicted}, "MiB")
+                                                        "planner (recipes_core.plan)": predicted}, "MiB")
     notes = [
         "Method: baseline = RSS after imports and process-group start; peak = highest RSS sampled every 2 ms "
         "by a thread during the training steps only; measured = peak - baseline. torch 2.13 has no CPU "
         "allocator statistics, and ru_maxrss cannot be reset, so it would include rank 0's load-time full copy.",
-        "Arithmetic = 16 bytes x P / N (fp32 parameter, gradient, AdamW exp_avg, exp_avg_sq) + activations "
-        "(distinct storages autograd saves in one micro-batch, counted with saved_tensors_hooks in the same run) "
-        "+ FSDP working set (full-size all-gather buffers and pre-reduce-scatter gradients of the root group, which FSDP2 "
-        "keeps unsharded from forward to backward, and of two decoder layers). The last column is the issue's formula "
-        "without the working set.",
+        "Prediction = the memory planner's (recipes_core.plan, --device cpu, fp32): the larger of backward's start "
+        "(parameters + AdamW + activations + loss/logits + FSDP working set: root group and two layers gathered, "
+        "the lm_head's and one layer's unsharded gradients, their reduce-scatter input and gloo's copy of it) and "
+        "backward's end (parameters + gradients + AdamW + the root group's reduce-scatter). 'activations counted' "
+        "are the storages autograd saves in one micro-batch (saved_tensors_hooks, same run); the last column is "
+        "the issue's formula, 16P/N + those activations.",
         f"Batch: {s['micro']} x {s['seq']} random tokens per rank, {s['steps']} AdamW steps, fp32, 1 thread per rank.",
     ]
     name = "memory_scaling" + ("_glibc_default" if args.glibc_default else "")
-    title = "6. Memory scaling: per-rank memory vs FSDP arithmetic" + (", glibc malloc defaults" if args.glibc_default else "")
+    title = "6. Memory scaling: per-rank memory vs the memory planner" + (", glibc malloc defaults" if args.glibc_default else "")
     notes.append("Allocator: glibc defaults (no tuning)." if args.glibc_default else
                  f"Allocator: glibc with {MALLOC_ENV} in every rank, as the recipe's launchers set it "
                  "(recipes_core.launch.launch_command, cookbook/*.sh), so that freed blocks leave the RSS; the same "

@@ -45,7 +45,7 @@ from recipes_core.config import Config, dump, load_config, to_dict
 from recipes_core.errors import command
 from recipes_core.lora import add_lora, initial_adapter_weights, lora_fields, weight_sources
 from recipes_core.loss import chunked_token_loss_sum
-from recipes_core.metrics import MetricsLogger, flops_per_token, peak_flops, peak_memory_bytes
+from recipes_core.metrics import MetricsLogger, current_memory_bytes, flops_per_token, peak_flops, peak_memory_bytes
 from recipes_core.models import (build_model_from_config, load_full_model, load_model_config, reset_rotary_buffers,
                                  resolve_model_source, safetensors_weights)
 from recipes_core.preprocess import today_for_templates, tokenize_file
@@ -373,9 +373,10 @@ def save(cfg: Config, state: TrainState, model, optimizer, scheduler, train_para
 
 # ----- what the run reports ----------------------------------------------------------------------------
 
-def peak_memory_per_rank(env: D.DistEnv) -> list[int]:
-    """Every rank's peak memory (metrics.peak_memory_bytes): one all_gather of one int64 per rank."""
-    mine = torch.tensor([peak_memory_bytes(env.device)], dtype=torch.int64, device=env.device)
+def memory_per_rank(env: D.DistEnv, measure=peak_memory_bytes) -> list[int]:
+    """Every rank's peak memory (metrics.peak_memory_bytes; or what `measure` returns, e.g.
+    metrics.current_memory_bytes): one all_gather of one int64 per rank."""
+    mine = torch.tensor([measure(env.device)], dtype=torch.int64, device=env.device)
     gathered = [torch.zeros_like(mine) for _ in range(env.world_size)]
     dist.all_gather(gathered, mine)
     return [int(t) for t in gathered]
@@ -399,11 +400,13 @@ class RunLog:
 
             self.progress = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
 
-    def start(self, step: int, mesh: dict, precision: str, total_steps: int, setup_s: float) -> None:
+    def start(self, step: int, mesh: dict, precision: str, total_steps: int, setup_s: float,
+              memory_before_model: list[int]) -> None:
         self.logger.log({"kind": "start", "step": step, "world_size": self.env.world_size, "mesh": mesh,
                          "n_params": self.counts["total"], "n_trainable": self.counts["trainable"],
                          "precision": precision, "peak_flops_per_rank": self.peak,
-                         "peak_flops_source": self.peak_source, "total_steps": total_steps, "setup_s": setup_s})
+                         "peak_flops_source": self.peak_source, "total_steps": total_steps, "setup_s": setup_s,
+                         "memory_before_model_bytes_per_rank": memory_before_model})
 
     def step(self, state: TrainState, result: StepResult, seconds: float, seq_len: int, last: bool) -> None:
         self.profiler.step()
@@ -414,7 +417,7 @@ class RunLog:
                              "supervised_tokens": result.supervised_tokens, "tokens_per_s": result.tokens / seconds,
                              "supervised_tokens_per_s": result.supervised_tokens / seconds,
                              "mfu": flops * result.tokens / seconds / (self.peak * self.env.world_size),
-                             "step_time_s": seconds, "peak_memory_bytes_per_rank": peak_memory_per_rank(self.env)})
+                             "step_time_s": seconds, "peak_memory_bytes_per_rank": memory_per_rank(self.env)})
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
@@ -451,6 +454,9 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         print(f"resolved config (world size {env.world_size}, {env.backend}, {env.device}):\n{dump(cfg)}")
         (out / "config.yaml").write_text(dump(cfg), encoding="utf-8")
 
+    # What the runtime and the data pipeline hold before the model exists (the start record): on CPU the
+    # planner's --runtime-overhead, and the baseline training memory is measured from (tests/test_plan.py).
+    memory_before_model = memory_per_rank(env, current_memory_bytes)
     model, precision, mesh_shape = build_sharded_model(cfg, env, source["hf_dir"], model_config)
     optimizer, scheduler = setup_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], total_steps)
     state = restore(resume_dir, model, optimizer, scheduler, cfg, env) if resume_dir else TrainState()
@@ -459,7 +465,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
     log = RunLog(cfg, env, model_config, train_params["param_counts"], precision, total_steps, state,
                  append=resume_dir is not None)
     log.start(step=state.step, mesh=mesh_shape, precision=precision, total_steps=total_steps,
-              setup_s=time.perf_counter() - started)
+              setup_s=time.perf_counter() - started, memory_before_model=memory_before_model)
 
     accum, stop_at = cfg.train.grad_accum_steps, min(total_steps, cfg.train.stop_after_steps or total_steps)
     losses, eval_results, saved_at, batches = [], [], -1, None

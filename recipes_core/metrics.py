@@ -10,6 +10,7 @@ unknown GPU, measured here with a short matmul benchmark, so MFU on a laptop is 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -70,6 +71,14 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory this rank holds now: allocated GPU memory on CUDA, the process's RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as statm:  # Linux; resident pages are its second field
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class MetricsLogger:

@@ -13,10 +13,6 @@ verdict against --gpu-memory. Every assumption is printed with it (ASSUMPTIONS).
 The model is the recipe's (recipes_core.finetune + distributed.shard_model), per rank, N = world size:
   parameters, gradients, AdamW: fp32 masters sharded over N ranks: 4 + 4 + 8 bytes x P / N (the recipe
       keeps fp32 parameters also under bf16 mixed precision: FSDP casts them for compute);
-  FSDP working set: unsharded parameters and gradients of the root group (embeddings, final norm, lm_head;
-      FSDP2 keeps it gathered from forward to backward) and of two decoder layers (the one computing and
-      the one prefetched), in the compute dtype, plus the fp32 copy a bf16 gradient is cast to for the
-      reduce-scatter;
   activations: what autograd keeps for backward per micro-batch, from the layer shapes (per token and
       layer, Hugging Face's Llama with SDPA: 4 x hidden for the two RMSNorms, 4 x (heads x head_dim) and
       2 x (kv heads x head_dim) for attention, 4 x intermediate for the SwiGLU MLP; 3.5 x hidden outside
@@ -24,12 +20,24 @@ The model is the recipe's (recipes_core.finetune + distributed.shard_model), per
       kept, plus one layer recomputed in backward;
   loss/logits: log-softmax kept for backward plus its gradient and the logits' gradient at the start of
       backward: 12 bytes x tokens x vocab (fp32 loss), 14 with bf16 logits; with chunked loss the same for
-      one chunk of loss_chunk_size tokens only (recipes_core.loss).
-Checked against measured runs (tests/test_plan.py, opt-in with RECIPES_PLAN_MEASURE=1: real torchrun
-fine-tunes on 1, 2 and 4 CPU ranks, peak RSS above each rank's runtime baseline). On a quiet machine the
-non-zero ranks measured 1.13x (2 ranks) and 1.29x (4 ranks) of the prediction: the planner under-predicts
-sharded runs on CPU, not yet within the 15% it aims for; benchmarks/chunked_loss.py compares SmolLM2 at
-2048 tokens.
+      one chunk of loss_chunk_size tokens only (recipes_core.loss);
+  FSDP working sets (c = compute bytes: 2 bf16, 4 fp32; the reduce-scatter input is an fp32 copy; on CPU,
+      gloo copies the whole buffer once more inside every all-gather and reduce-scatter, NCCL does not):
+      at backward's start the root group (embeddings, final norm, lm_head: FSDP2 keeps it gathered from
+      forward to backward) and two layers gathered (the last, kept from forward, and the next, prefetched),
+      the lm_head's unsharded gradient, the computing layer's unsharded gradients and their reduce-scatter
+      input; at backward's end the root group's reduce-scatter: its parameters, unsharded gradients and
+      reduce-scatter input.
+The peak is the larger of two moments, not the sum of every part: backward frees each layer's activations as
+it makes that layer's gradients (the last step's were freed by zero_grad before the forward), so
+  backward start = parameters + AdamW + activations + loss/logits + working set at the start,
+  backward end   = parameters + gradients + AdamW + working set at the end (the root group's reduce-scatter).
+Rank 0 also loads the whole model (a full fp32 copy, 4 x P) and broadcasts it into every rank's shards, its own
+included, before any training memory exists: a separate number (rank0_load), which on a CPU run is rank 0's
+peak when it is larger than the training peak.
+Checked against measured runs (tests/test_plan.py: real torchrun fine-tunes on 1, 2 and 4 CPU ranks, every rank,
+peak RSS above the RSS the rank had just before the model was built) and against benchmarks/memory_scaling.py
+(SmolLM2 at 1, 2 and 4 ranks).
 """
 
 from __future__ import annotations
@@ -66,21 +74,23 @@ KNOWN_SHAPES = {
 
 ASSUMPTIONS = [
     "per rank; AdamW (two fp32 moments); fp32 master parameters and gradients sharded over all ranks (FSDP2 full "
-    "sharding); micro-batches of micro_batch x seq_len tokens (gradient accumulation adds nothing: gradients "
-    "accumulate in place)",
-    "not counted: the runtime itself (CUDA context, NCCL/gloo buffers, Python and libraries: give it with "
-    "--runtime-overhead; measured here on CPU: ~0.45 GiB per process), the allocator's caching and fragmentation "
-    "(plan 5-10% headroom on CUDA), the data pipeline, checkpoint saving",
+    "sharding, shards padded to a multiple of N rows: not counted); micro-batches of micro_batch x seq_len tokens "
+    "(gradient accumulation adds nothing: gradients accumulate in place)",
+    "not counted: the runtime itself (CUDA context, NCCL/gloo buffers, Python and libraries, the data pipeline: "
+    "give it with --runtime-overhead; measured here on CPU: ~0.47 GiB per process, what a rank holds just before "
+    "the model is built), the allocator's caching and fragmentation (plan 5-10% headroom on CUDA), checkpoint saving",
     "activations from Hugging Face's Llama layers with SDPA (no attention matrix kept); other architectures differ",
-    "the total sums every part as if all were alive at once; in fact gradients appear while activations and "
-    "logits are freed, so the sum runs high where activations are large on few ranks (measured on CPU: SmolLM2, "
-    "1 rank, 2048 tokens: +9% to +11% without and +15% to +23% with activation checkpointing; a 40M model at "
-    "256 tokens on 1, 2, 4 ranks: measured / predicted 0.87-0.98, 0.95-1.13, 1.03-1.29 over a loaded and a quiet "
-    "machine: sharded runs are under-predicted on CPU)",
+    "peak = the larger of backward's start (all activations, no gradients) and backward's end (all gradients, the "
+    "root group's reduce-scatter): backward frees a layer's activations as it makes its gradients; the optimizer "
+    "step holds less than backward's end (its AdamW moments exist from the first step on, which the plan assumes)",
+    "FSDP working sets: the root group and two decoder layers gathered, one layer's (at the end: the root's) "
+    "unsharded gradients and their fp32 reduce-scatter input; --device cpu adds gloo's copy of the buffer inside "
+    "each collective (N > 1); collectives run one at a time",
     "cpu offload: parameters, gradients and optimizer states live in host memory (per rank, listed as host); "
-    "the working set, activations and logits stay on the GPU",
-    "loading: rank 0 holds a full fp32 copy of the model in host memory while it broadcasts the weights "
-    "(4 bytes x P; on a CPU run that is the device memory too, and counts for rank 0's peak)",
+    "the working sets, activations and logits stay on the GPU",
+    "loading: rank 0 holds a full fp32 copy of the model (4 bytes x P) while it broadcasts the weights into the "
+    "shards (models.load_full_model, distributed.load_full_weights_from_rank0); on a CPU run that and its own "
+    "shards are rank 0's peak when larger than the training peak",
 ]
 
 
@@ -172,30 +182,60 @@ def activation_bytes(shape: Shape, tokens: int, precision: str, checkpointing: b
 
 
 def plan(shape: Shape, world_size: int, micro_batch: int = 1, seq_len: int = 2048, precision: str = "bf16",
-         activation_checkpointing: bool = False, cpu_offload: bool = False, loss_chunk_size: int = 0) -> dict:
-    """Per-rank bytes of each part at the step's peak; `device` is the sum of what lives in device memory,
-    `host` what CPU offload moves to host memory, `rank0_load_host` rank 0's full copy while loading."""
+         activation_checkpointing: bool = False, cpu_offload: bool = False, loss_chunk_size: int = 0,
+         device: str = "cuda") -> dict:
+    """Per-rank bytes of each part (see the module docstring) and the two moments one of which is the step's
+    peak: `backward_start` (every activation kept, no gradient yet) and `backward_end` (every gradient, no
+    activation, the root group's reduce-scatter). `device` is the larger of the two in device memory,
+    `host` what CPU offload moves to host memory, `rank0_load` rank 0's memory while it loads the weights."""
     if world_size < 1 or micro_batch < 1 or seq_len < 1 or loss_chunk_size < 0:
         raise PlanError("--world-size, --micro-batch and --seq-len must be at least 1, --loss-chunk-size at least 0")
     if precision not in ("bf16", "fp32"):
         raise PlanError(f"--precision {precision}: use bf16 or fp32")
+    if device not in ("cuda", "cpu"):
+        raise PlanError(f"--device {device}: use cuda or cpu")
     p, n = shape.params, world_size
-    compute = 2 if precision == "bf16" else 4
-    grouped = shape.root_params + 2 * shape.layer_params
+    compute = 2 if precision == "bf16" else 4  # unsharded parameters and autograd's gradients
+    reduce = 4  # the reduce-scatter runs in fp32 (MixedPrecisionPolicy reduce_dtype), its input a copy
+    layer, root = shape.layer_params, shape.root_params
     tokens = micro_batch * seq_len
     in_flight = min(loss_chunk_size, tokens) if loss_chunk_size else tokens
+    # gloo (CPU) copies the whole buffer once inside all_gather_into_tensor and reduce_scatter_tensor (measured:
+    # +100 MiB while a 100 MiB buffer is reduce-scattered or gathered); NCCL works in place; one rank calls none.
+    copy = reduce if device == "cpu" and n > 1 else 0
     parts = {
         "parameters": 4 * p / n,
         "gradients": 4 * p / n,
         "optimizer (AdamW)": 8 * p / n,
-        "FSDP working set": grouped * 2 * compute,
         "activations": activation_bytes(shape, tokens, precision, activation_checkpointing),
         "loss/logits": in_flight * shape.vocab * (12 if precision == "fp32" else 14),
+        # backward's first layers: root group and two layers gathered (the last layer, kept from forward, and
+        # the next one, prefetched), the lm_head's unsharded gradient, the computing layer's unsharded
+        # gradients and their reduce-scatter input (+ gloo's copy of it)
+        "FSDP working set, backward start": (compute * (root + 2 * layer) + compute * shape.vocab * shape.hidden
+                                             + compute * layer + (reduce + copy) * layer),
+        # backward's end: the root group's reduce-scatter (root parameters gathered, its unsharded gradients
+        # and their reduce-scatter input, + gloo's copy); the decoder layers are done and resharded
+        "FSDP working set, backward end": (compute + compute + reduce + copy) * root,
     }
     offloaded = ("parameters", "gradients", "optimizer (AdamW)") if cpu_offload else ()
-    device = sum(v for k, v in parts.items() if k not in offloaded)
-    return {"parts": parts, "device": device, "host": sum(parts[k] for k in offloaded),
-            "rank0_load_host": 4 * p, "params": p, "offloaded": list(offloaded)}
+    on_device = {k: (0 if k in offloaded else v) for k, v in parts.items()}
+    # Gradients and activations are never all alive at once: backward frees each layer's activations as it
+    # makes the layer's gradients (zero_grad(set_to_none) freed the last step's before the forward), so the
+    # peak is at one end of backward, not the sum of every part.
+    moments = {
+        "backward start": (on_device["parameters"] + on_device["optimizer (AdamW)"] + parts["activations"]
+                           + parts["loss/logits"] + parts["FSDP working set, backward start"]),
+        "backward end": (on_device["parameters"] + on_device["gradients"] + on_device["optimizer (AdamW)"]
+                         + parts["FSDP working set, backward end"]),
+    }
+    # Rank 0 loads the whole model (models.load_full_model: a full fp32 copy) and broadcasts it tensor by tensor
+    # into every rank's shards (distributed.load_full_weights_from_rank0), its own included: 4P + 4P/N before
+    # any training memory exists. On CPU both are the same memory; on CUDA the copy is host memory, the shards GPU.
+    rank0_load = 4 * p + (4 * p / n if device == "cpu" else 0)
+    return {"parts": parts, "moments": moments, "device": max(moments.values()),
+            "peak_moment": max(moments, key=moments.get), "host": sum(parts[k] for k in offloaded),
+            "rank0_load": rank0_load, "params": p, "offloaded": list(offloaded)}
 
 
 def parse_size(text: str) -> int:
@@ -225,18 +265,22 @@ def render(name: str, shape: Shape, args, settings: dict) -> str:
     lines = [f"{name}: {first['params'] / 1e9:.3f} B parameters ({shape.layers} layers, hidden {shape.hidden}, "
              f"vocab {shape.vocab}, {'tied' if shape.tied else 'untied'} embeddings)",
              f"world size {args.world_size}, micro-batch {args.micro_batch} x {args.seq_len} tokens, {args.precision}, "
-             f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}", "",
-             "GiB per rank".ljust(22) + "".join(label.rjust(width) for label in results)]
+             f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, {args.device}", "",
+             "GiB per rank".ljust(34) + "".join(label.rjust(width) for label in results)]
     for part in first["parts"]:
         cells = [("host" if part in r["offloaded"] else _gib(r["parts"][part]).strip()) for r in results.values()]
-        lines.append(part.ljust(22) + "".join(c.rjust(width) for c in cells))
+        lines.append(part.ljust(34) + "".join(c.rjust(width) for c in cells))
+    for moment in first["moments"]:  # the peak is the larger of the two (gradients replace activations)
+        lines.append(f"at {moment}".ljust(34) + "".join(_gib(r["moments"][moment]).strip().rjust(width)
+                                                        for r in results.values()))
     overhead = args.runtime_overhead
-    lines.append("runtime (given)".ljust(22) + "".join(_gib(overhead).strip().rjust(width) for _ in results))
-    lines.append("device total".ljust(22) + "".join(_gib(r["device"] + overhead).strip().rjust(width)
-                                                    for r in results.values()))
-    lines.append("host (offload)".ljust(22) + "".join(_gib(r["host"]).strip().rjust(width) for r in results.values()))
-    lines.append(f"\nrank 0 also needs {first['rank0_load_host'] / GiB:.1f} GiB of host memory while loading "
-                 "(its full fp32 copy of the model).")
+    lines.append("runtime (given)".ljust(34) + "".join(_gib(overhead).strip().rjust(width) for _ in results))
+    lines.append("device total (peak + runtime)".ljust(34) + "".join(_gib(r["device"] + overhead).strip().rjust(width)
+                                                                   for r in results.values()))
+    lines.append("host (offload)".ljust(34) + "".join(_gib(r["host"]).strip().rjust(width) for r in results.values()))
+    where = "host memory" if args.device == "cuda" else "memory (on CPU, before any training memory exists)"
+    lines.append(f"\nrank 0 also needs {first['rank0_load'] / GiB:.2f} GiB of {where} while loading "
+                 f"(its full fp32 copy of the model{' and its own shards' if args.device == 'cpu' else ''}).")
     if args.gpu_memory:
         limit = args.gpu_memory
         lines.append("")
@@ -264,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-chunk-size", type=int, default=None, help="tokens per chunk (default 1024 with "
                         "--chunked-loss, the recipe's train.loss_chunk_size)")
     parser.add_argument("--runtime-overhead", default=None,
-                        help="per process memory the runtime takes (default 1GiB on cuda, 0.45GiB on cpu)")
-    parser.add_argument("--device", default="cuda", help="cuda | cpu (what the runtime overhead default assumes)")
+                        help="per process memory the runtime takes (default 1GiB on cuda, 0.47GiB on cpu)")
+    parser.add_argument("--device", default="cuda", help="cuda | cpu (gloo's collective copies and the runtime overhead default)")
     args = parser.parse_args(argv)
     if args.device not in ("cuda", "cpu"):
         raise PlanError(f"--device {args.device}: use cuda or cpu")
@@ -273,11 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         args.loss_chunk_size = 1024 if args.chunked_loss else 0
     # sizes parsed here, not by argparse: a bad one is one `error:` line like every other bad input
     args.gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
-    default_overhead = int((1.0 if args.device == "cuda" else 0.45) * GiB)
+    default_overhead = int((1.0 if args.device == "cuda" else 0.47) * GiB)
     args.runtime_overhead = parse_size(args.runtime_overhead) if args.runtime_overhead else default_overhead
     name, shape = resolve_model(args.model)
     settings = dict(world_size=args.world_size, micro_batch=args.micro_batch, seq_len=args.seq_len,
-                    precision=args.precision, activation_checkpointing=args.activation_checkpointing)
+                    precision=args.precision, activation_checkpointing=args.activation_checkpointing,
+                    device=args.device)
     plan(shape, **settings, loss_chunk_size=args.loss_chunk_size)  # bad numbers: one error line before any table
     print(render(name, shape, args, settings))
     return 0

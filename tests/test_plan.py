@@ -67,32 +67,33 @@ def mid_model(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("mid"), DATA_DIR, **MID)["instruct"]
 
 
-# Not part of `make test` yet: on a quiet machine the planner under-predicts the non-zero ranks at 2 and 4 ranks
-# (measured / predicted 1.13 and 1.29 on 2026-12-03; 0.95 and 1.03 when the machine was loaded), so the 15%
-# target (issue 15) is not met. RECIPES_PLAN_MEASURE=1 runs it.
-@pytest.mark.skipif(not os.environ.get("RECIPES_PLAN_MEASURE"), reason="planner vs measured runs: RECIPES_PLAN_MEASURE=1")
-@pytest.mark.parametrize("ranks", [1, 2, 4])
+# 2 ranks in the test command (one torchrun run checks sharding, gloo's collective copies and every rank, rank 0
+# included: ~35 s); 1 and 4 ranks with RECIPES_PLAN_MEASURE=1 (4 ranks alone cost ~65 s, over the suite's budget). Measured / predicted on 2026-12-03, every
+# rank, quiet and loaded machine: 1.03 (1 rank), 1.02-1.03 (2 ranks), 1.01-1.03 (4 ranks). Before, with the sum of
+# every part and a baseline taken before the data pipeline's imports (~110 MiB): 0.98, 1.13, 1.29.
+@pytest.mark.parametrize("ranks", [pytest.param(n, marks=pytest.mark.skipif(
+    n != 2 and not os.environ.get("RECIPES_PLAN_MEASURE"), reason="1 and 4 ranks: RECIPES_PLAN_MEASURE=1"))
+    for n in (1, 2, 4)])
 def test_prediction_within_15_percent_of_measured_runs(ranks, mid_model, tmp_path):
-    """Real torchrun fine-tunes (2 steps, micro-batch 1 x 256 packed tokens, fp32). Measured per rank:
-    peak RSS (the run's metrics.jsonl) minus the rank's runtime baseline (RSS after imports and process-group
-    start, taken in the same process). Predicted: the planner's device total."""
+    """Real torchrun fine-tunes (2 steps, micro-batch 1 x 256 packed tokens, fp32, gloo). Measured per rank:
+    peak RSS (ru_maxrss, from the run's metrics.jsonl) minus the RSS the rank held just before the model was
+    built (the runtime and data pipeline, which the planner leaves to --runtime-overhead). Predicted: the
+    planner's device peak; for rank 0 the larger of that and its load-time memory (full copy + own shards)."""
     out = tmp_path / "memory.json"
     run_script(Path(__file__).with_name("plan_ranks.py"), [out, mid_model, tmp_path / "run", SEQ], nproc=ranks,
                log=tmp_path / "log.txt")
     measured = json.loads(out.read_text())
     shape = P.resolve_model(str(mid_model))[1]
     predicted = P.plan(shape, ranks, micro_batch=1, seq_len=SEQ, precision="fp32",
-                       loss_chunk_size=measured["chunk"])
-    # With more than one rank, rank 0's peak RSS is its load-time peak (the full fp32 copy it reads and
-    # broadcasts, plus the safetensors file pages it read, whose residency depends on the page cache: measured
-    # 0.99x to 1.30x of the load prediction at 4 ranks); the planner reports that separately (rank0_load_host),
-    # not as training memory, so the ranks checked are the others. One rank: rank 0 is the training rank.
-    for rank in range(1 if ranks > 1 else 0, ranks):
-        expected = predicted["device"]
+                       loss_chunk_size=measured["chunk"], device="cpu")
+    ratios = []
+    for rank in range(ranks):
+        expected = max(predicted["device"], predicted["rank0_load"]) if rank == 0 else predicted["device"]
         got = measured["peak"][rank] - measured["baseline"][rank]
+        ratios.append(got / expected)
         print(f"{ranks} rank(s), rank {rank}: measured {got / 2**20:.0f} MiB, predicted {expected / 2**20:.0f} MiB, "
               f"ratio {got / expected:.3f}")
-        assert got / expected == pytest.approx(1.0, abs=0.15), (rank, got / 2**20, expected / 2**20)
+    assert all(abs(r - 1) <= 0.15 for r in ratios), ratios
 
 
 def test_command_prints_the_table_assumptions_and_verdict(capsys):
