@@ -159,7 +159,7 @@ class StepResult:
 
 def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.DistEnv,
                max_grad_norm: float = 0.0, loss_chunk_size: int = 0, gather_once_per_step: bool = False,
-               activation_offload: bool = False) -> StepResult:
+               activation_offload: bool = False, reduce_every_micro_batch: bool = False) -> StepResult:
     """Steps 2-4 of the module docstring over this rank's micro-batches; every rank calls it together.
 
     `model` is the FSDP2 model of build_sharded_model, or a plain module in a group of one (the
@@ -168,6 +168,8 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.Di
     gather_once_per_step (fsdp.gather_once_per_step, with a model sharded the same way): the parameters
     gathered by the first micro-batch stay gathered until the last one's backward, which frees them.
     activation_offload (fsdp.activation_offload, CUDA): the forward's saved tensors wait in host memory.
+    reduce_every_micro_batch (fsdp.reduce_every_micro_batch): reduce-scatter after every micro-batch, so no
+    rank ever holds the whole model's unsharded gradients (see the config field).
 
     Collectives per step (2 ranks, counted by profiling.count_collectives): the all-gathers and
     reduce-scatters of FSDP, plus three small all-reduces: the supervised-token count, the clipping's
@@ -180,7 +182,8 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.Di
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         if isinstance(model, FSDPModule):
-            model.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-batch
+            # reduce-scatter once, after the last micro-batch (FSDP2 keeps the unsharded gradients until then)
+            model.set_requires_gradient_sync(last or reduce_every_micro_batch)
             if gather_once_per_step:  # no all-gather for the next micro-batch: free them after the last backward
                 model.set_reshard_after_backward(last)
         with D.offloaded_activations(activation_offload):
@@ -480,7 +483,7 @@ def train(cfg: Config, env: D.DistEnv) -> dict:
         start = time.perf_counter()
         result = train_step(model, micro_batches, optimizer, scheduler, env, cfg.train.max_grad_norm,
                             cfg.train.loss_chunk_size, cfg.fsdp.gather_once_per_step,
-                            cfg.fsdp.activation_offload and env.device.type == "cuda")
+                            cfg.fsdp.activation_offload and env.device.type == "cuda", cfg.fsdp.reduce_every_micro_batch)
         seconds = time.perf_counter() - start
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + accum
         state.tokens_seen += result.tokens

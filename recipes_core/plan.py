@@ -32,9 +32,10 @@ The peak is the larger of two moments, not the sum of every part: backward frees
 it makes that layer's gradients (the last step's were freed by zero_grad before the forward), so
   backward start = parameters + AdamW + activations + loss/logits + working set at the start,
   backward end   = parameters + gradients + AdamW + working set at the end (the root group's reduce-scatter).
-Rank 0 also loads the whole model (a full fp32 copy, 4 x P) and broadcasts it into every rank's shards, its own
-included, before any training memory exists: a separate number (rank0_load), which on a CPU run is rank 0's
-peak when it is larger than the training peak.
+Loading, before any training memory exists: every rank reads only its own rows of the safetensors files into its
+shards (distributed.load_sharded_weights): its shards plus one tensor's rows being read, the same on every rank
+(rank0_load). Only a folder without safetensors (*.bin weights) makes rank 0 load a full fp32 copy (4 x P) and
+broadcast it; the printout gives that figure too.
 Checked against measured runs (tests/test_plan.py: real torchrun fine-tunes on 1, 2 and 4 CPU ranks, every rank,
 peak RSS above the RSS the rank had just before the model was built) and against benchmarks/memory_scaling.py
 (SmolLM2 at 1, 2 and 4 ranks).
@@ -74,8 +75,9 @@ KNOWN_SHAPES = {
 
 ASSUMPTIONS = [
     "per rank; AdamW (two fp32 moments); fp32 master parameters and gradients sharded over all ranks (FSDP2 full "
-    "sharding, shards padded to a multiple of N rows: not counted); micro-batches of micro_batch x seq_len tokens "
-    "(gradient accumulation adds nothing: gradients accumulate in place)",
+    "sharding, shards padded to a multiple of N rows: not counted); micro-batches of micro_batch x seq_len tokens; "
+    "with --grad-accum > 1 every layer's unsharded gradient (fp32) is kept between micro-batches (FSDP2 "
+    "reduce-scatters once per step) unless --reduce-every-micro-batch",
     "not counted: the runtime itself (CUDA context, NCCL/gloo buffers, Python and libraries, the data pipeline: "
     "give it with --runtime-overhead; measured here on CPU: ~0.47 GiB per process, what a rank holds just before "
     "the model is built), the allocator's caching and fragmentation (plan 5-10% headroom on CUDA), checkpoint saving",
@@ -88,9 +90,9 @@ ASSUMPTIONS = [
     "each collective (N > 1); collectives run one at a time",
     "cpu offload: parameters, gradients and optimizer states live in host memory (per rank, listed as host); "
     "the working sets, activations and logits stay on the GPU",
-    "loading: rank 0 holds a full fp32 copy of the model (4 bytes x P) while it broadcasts the weights into the "
-    "shards (models.load_full_model, distributed.load_full_weights_from_rank0); on a CPU run that and its own "
-    "shards are rank 0's peak when larger than the training peak",
+    "loading: each rank reads its own rows of the safetensors files (distributed.load_sharded_weights): its fp32 "
+    "shards plus the rows of one tensor being read (at most the largest matrix / N, counted in fp32), the same on "
+    "every rank; a folder with only *.bin weights makes rank 0 load a full fp32 copy (4 bytes x P) instead",
 ]
 
 
@@ -183,13 +185,14 @@ def activation_bytes(shape: Shape, tokens: int, precision: str, checkpointing: b
 
 def plan(shape: Shape, world_size: int, micro_batch: int = 1, seq_len: int = 2048, precision: str = "bf16",
          activation_checkpointing: bool = False, cpu_offload: bool = False, loss_chunk_size: int = 0,
-         device: str = "cuda") -> dict:
+         device: str = "cuda", grad_accum: int = 1, reduce_every_micro_batch: bool = False) -> dict:
     """Per-rank bytes of each part (see the module docstring) and the two moments one of which is the step's
     peak: `backward_start` (every activation kept, no gradient yet) and `backward_end` (every gradient, no
     activation, the root group's reduce-scatter). `device` is the larger of the two in device memory,
-    `host` what CPU offload moves to host memory, `rank0_load` rank 0's memory while it loads the weights."""
-    if world_size < 1 or micro_batch < 1 or seq_len < 1 or loss_chunk_size < 0:
-        raise PlanError("--world-size, --micro-batch and --seq-len must be at least 1, --loss-chunk-size at least 0")
+    `host` what CPU offload moves to host memory, `rank0_load` a rank's memory while it loads the weights."""
+    if world_size < 1 or micro_batch < 1 or seq_len < 1 or grad_accum < 1 or loss_chunk_size < 0:
+        raise PlanError("--world-size, --micro-batch, --seq-len and --grad-accum must be at least 1, "
+                        "--loss-chunk-size at least 0")
     if precision not in ("bf16", "fp32"):
         raise PlanError(f"--precision {precision}: use bf16 or fp32")
     if device not in ("cuda", "cpu"):
@@ -229,13 +232,25 @@ def plan(shape: Shape, world_size: int, micro_batch: int = 1, seq_len: int = 204
         "backward end": (on_device["parameters"] + on_device["gradients"] + on_device["optimizer (AdamW)"]
                          + parts["FSDP working set, backward end"]),
     }
-    # Rank 0 loads the whole model (models.load_full_model: a full fp32 copy) and broadcasts it tensor by tensor
-    # into every rank's shards (distributed.load_full_weights_from_rank0), its own included: 4P + 4P/N before
-    # any training memory exists. On CPU both are the same memory; on CUDA the copy is host memory, the shards GPU.
-    rank0_load = 4 * p + (4 * p / n if device == "cpu" else 0)
+    if grad_accum > 1:
+        # A later micro-batch's backward starts with what the earlier ones left. By default FSDP2 skips the
+        # reduce-scatter until the last micro-batch and keeps every layer's unsharded gradient, accumulated in the
+        # reduce dtype (fp32): 4 x P on every rank. With fsdp.reduce_every_micro_batch each micro-batch
+        # reduce-scatters, and what stays is the sharded gradients. Measured, 40M model, 2 CPU ranks, accumulation 2
+        # over accumulation 1: +133 MiB per rank (4 x P = 139 MiB), and +65 MiB with reduce_every_micro_batch
+        # (4 x P / N = 70 MiB).
+        kept = on_device["gradients"] if reduce_every_micro_batch else 4 * p
+        parts["kept between micro-batches"] = kept
+        moments["backward start, accumulating"] = moments["backward start"] + kept
+    # Loading (distributed.load_sharded_weights): every rank, rank 0 included, fills its shards from its own rows
+    # of the files, reading one tensor at a time: 4P/N plus at most the largest matrix's rows (the embedding or
+    # an MLP projection) / N, in fp32 at most. On CUDA the shards are GPU memory and the rows host memory.
+    largest_rows = 4 * max(shape.vocab, shape.intermediate) * shape.hidden / n
+    rank0_load = 4 * p / n + largest_rows
+    full_copy_load = 4 * p  # the fallback for *.bin-only folders: rank 0's full fp32 copy (load_full_weights_from_rank0)
     return {"parts": parts, "moments": moments, "device": max(moments.values()),
             "peak_moment": max(moments, key=moments.get), "host": sum(parts[k] for k in offloaded),
-            "rank0_load": rank0_load, "params": p, "offloaded": list(offloaded)}
+            "rank0_load": rank0_load, "full_copy_load": full_copy_load, "params": p, "offloaded": list(offloaded)}
 
 
 def parse_size(text: str) -> int:
@@ -279,8 +294,9 @@ def render(name: str, shape: Shape, args, settings: dict) -> str:
                                                                    for r in results.values()))
     lines.append("host (offload)".ljust(34) + "".join(_gib(r["host"]).strip().rjust(width) for r in results.values()))
     where = "host memory" if args.device == "cuda" else "memory (on CPU, before any training memory exists)"
-    lines.append(f"\nrank 0 also needs {first['rank0_load'] / GiB:.2f} GiB of {where} while loading "
-                 f"(its full fp32 copy of the model{' and its own shards' if args.device == 'cpu' else ''}).")
+    lines.append(f"\nwhile loading, each rank holds {first['rank0_load'] / GiB:.2f} GiB (its shards and one tensor's rows; "
+                 f"a folder with only *.bin weights: rank 0 needs a full fp32 copy, {first['full_copy_load'] / GiB:.2f} GiB "
+                 f"of {where}).")
     if args.gpu_memory:
         limit = args.gpu_memory
         lines.append("")
@@ -300,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the model is sharded over")
     parser.add_argument("--gpu-memory", default=None, help="per device, e.g. 80GiB")
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--reduce-every-micro-batch", action="store_true",
+                        help="fsdp.reduce_every_micro_batch: no unsharded gradients kept between micro-batches")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--precision", default="bf16", help="bf16 (mixed precision) | fp32")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -320,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     default_overhead = int((1.0 if args.device == "cuda" else 0.47) * GiB)
     args.runtime_overhead = parse_size(args.runtime_overhead) if args.runtime_overhead else default_overhead
     name, shape = resolve_model(args.model)
-    settings = dict(world_size=args.world_size, micro_batch=args.micro_batch, seq_len=args.seq_len,
+    settings = dict(world_size=args.world_size, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+                    reduce_every_micro_batch=args.reduce_every_micro_batch,
+                    seq_len=args.seq_len,
                     precision=args.precision, activation_checkpointing=args.activation_checkpointing,
                     device=args.device)
     plan(shape, **settings, loss_chunk_size=args.loss_chunk_size)  # bad numbers: one error line before any table

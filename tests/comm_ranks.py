@@ -36,7 +36,7 @@ def micro_batches(rank: int) -> list[dict]:
     return batches
 
 
-def run(env: D.DistEnv, once: bool) -> dict:
+def run(env: D.DistEnv, once: bool, reduce_every: bool = False) -> dict:
     torch.manual_seed(0)  # the same weights on every rank and in both settings
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=300))
     D.shard_model(model, D.build_mesh(env, "full"), D.mixed_precision_policy("fp32", env.device)[0],
@@ -47,10 +47,10 @@ def run(env: D.DistEnv, once: bool) -> dict:
         if step == 1:
             with count_collectives() as counted:
                 result = train_step(model, micro_batches(env.rank), optimizer, None, env, 1.0,
-                                    gather_once_per_step=once)
+                                    gather_once_per_step=once, reduce_every_micro_batch=reduce_every)
         else:
             result = train_step(model, micro_batches(env.rank), optimizer, None, env, 1.0,
-                                gather_once_per_step=once)
+                                gather_once_per_step=once, reduce_every_micro_batch=reduce_every)
         losses.append(result.loss)
         norms.append(result.grad_norm)
     weights = [p.full_tensor() for p in model.parameters()]
@@ -60,7 +60,7 @@ def run(env: D.DistEnv, once: bool) -> dict:
 
 
 def main(env: D.DistEnv, out: str) -> None:
-    result = {"off": run(env, False), "on": run(env, True)}
+    result = {"off": run(env, False), "on": run(env, True), "reduce_every": run(env, False, True)}
     if env.is_main:
         with open(out, "w") as f:
             json.dump(result, f)

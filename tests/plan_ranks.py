@@ -16,13 +16,13 @@ from recipes_core.distributed import process_group
 from recipes_core.finetune import run
 
 
-def main(env, out: str, model_dir: str, run_dir: str, seq: int) -> None:
+def main(env, out: str, model_dir: str, run_dir: str, seq: int, accum: int = 1, *extra: str) -> None:
     cfg = load_config("cookbook/tiny_full.yaml", [
         "model.source=hf", f"model.path={model_dir}", "data.packing=true", f"data.max_seq_len={seq}",
         "data.max_train_examples=200", "data.max_eval_examples=2", "train.micro_batch_size=1",
-        "train.grad_accum_steps=1", "train.max_steps=2", "train.eval_every=0", "fsdp.mixed_precision=fp32",
+        f"train.grad_accum_steps={accum}", "train.max_steps=2", "train.eval_every=0", "fsdp.mixed_precision=fp32",
         f"checkpoint.output_dir={run_dir}", "checkpoint.save_final=false", "checkpoint.save_every=0",
-        "log.progress_bar=false", "log.tensorboard=false", "log.peak_flops=1e12"])
+        "log.progress_bar=false", "log.tensorboard=false", "log.peak_flops=1e12", *extra])
     run(cfg)  # 2 steps: the second runs with the AdamW moments the first step allocated (the planner's case)
     if env.is_main:
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -34,4 +34,4 @@ def main(env, out: str, model_dir: str, run_dir: str, seq: int) -> None:
 
 if __name__ == "__main__":
     with process_group("gloo") as env:
-        main(env, sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        main(env, sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 1, *sys.argv[6:])

@@ -203,6 +203,12 @@ def test_gather_once_per_step_trains_the_same_numbers_with_fewer_collectives(tmp
     # (kept from forward to backward) and the root (never resharded after forward)
     assert off["calls"] == {"all_gather": accum * (units + units - 2), "reduce_scatter": units, "all_reduce": 3}
     assert on["calls"] == {"all_gather": units, "reduce_scatter": units, "all_reduce": 3}
+    # fsdp.reduce_every_micro_batch: a reduce-scatter per micro-batch (no unsharded gradients kept between them),
+    # the same sum in another order
+    every = result["reduce_every"]
+    assert every["calls"] == {**off["calls"], "reduce_scatter": accum * units}
+    assert every["losses"] == pytest.approx(off["losses"], rel=1e-6)
+    assert every["grad_norms"] == pytest.approx(off["grad_norms"], rel=1e-5)
 
 
 def test_chat_examples_have_different_supervised_lengths(wide_tiny):

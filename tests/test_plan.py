@@ -78,7 +78,7 @@ def test_prediction_within_15_percent_of_measured_runs(ranks, mid_model, tmp_pat
     """Real torchrun fine-tunes (2 steps, micro-batch 1 x 256 packed tokens, fp32, gloo). Measured per rank:
     peak RSS (ru_maxrss, from the run's metrics.jsonl) minus the RSS the rank held just before the model was
     built (the runtime and data pipeline, which the planner leaves to --runtime-overhead). Predicted: the
-    planner's device peak; for rank 0 the larger of that and its load-time memory (full copy + own shards)."""
+    planner's device peak; for rank 0 the larger of that and its load-time memory (its shards and one tensor's rows)."""
     out = tmp_path / "memory.json"
     run_script(Path(__file__).with_name("plan_ranks.py"), [out, mid_model, tmp_path / "run", SEQ], nproc=ranks,
                log=tmp_path / "log.txt")
