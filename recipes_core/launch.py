@@ -26,8 +26,9 @@ from pathlib import Path
 # back to the OS when freed. glibc's default threshold grows (up to 32 MiB) after large frees (AdamW's first
 # allocation, rank 0's full copy where it loads a model to broadcast it); after that FSDP's per-layer
 # all-gather buffers and gradients come from malloc's arenas and stay resident once freed, so per-rank RSS
-# barely falls with the number of ranks (SmolLM2 on 2 and 4 ranks: 1.6x and 2.3x the FSDP arithmetic,
-# against 0.99x and 1.02x with this; benchmarks/RESULTS.md). An
+# barely falls with the number of ranks (SmolLM2 on 2 and 4 ranks: 1.6x and 2.3x the FSDP arithmetic of
+# the time, against 0.99x and 1.02x with this; with this setting against today's planner, recipes_core.plan:
+# 1.02x and 1.06x; benchmarks/RESULTS.md). An
 # allocator setting, not FSDP's; glibc reads it at process start, hence set by the launchers. Harmless on
 # CUDA (GPU memory is not malloc's) and ignored where the C library is not glibc.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
