@@ -86,7 +86,8 @@ class TrainConfig:
     loss_chunk_size: int = 0
     # torch.compile each decoder layer (inductor: C++ kernels on CPU, Triton on CUDA; preflight checks that the
     # compiler is there). The first step compiles (tens of seconds, longer on a busy CPU; later runs reuse
-    # inductor's on-disk cache), later steps run fused kernels. FSDP's all-gathers and reduce-scatters stay
+    # inductor's on-disk cache), later steps run fused kernels; the first micro-batch of a new length compiles
+    # once more, for dynamic shapes (data.packing=true keeps one length). FSDP's all-gathers and reduce-scatters stay
     # outside the compiled graphs. Losses equal eager ones up to summation order (tests/test_compile.py);
     # speed: benchmarks/compile_speed.py.
     compile: bool = False
