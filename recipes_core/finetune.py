@@ -182,7 +182,8 @@ def train_step(model, micro_batches: list[dict], optimizer, scheduler, env: D.Di
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         if isinstance(model, FSDPModule):
-            # reduce-scatter once, after the last micro-batch (FSDP2 keeps the unsharded gradients until then)
+            # reduce-scatter after the last micro-batch only (FSDP2 keeps every unsharded gradient until then),
+            # or after each one (fsdp.reduce_every_micro_batch: the sharded gradients accumulate instead)
             model.set_requires_gradient_sync(last or reduce_every_micro_batch)
             if gather_once_per_step:  # no all-gather for the next micro-batch: free them after the last backward
                 model.set_reshard_after_backward(last)
