@@ -21,10 +21,11 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   export OMP_NUM_THREADS=$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))
 fi
 export TOKENIZERS_PARALLELISM=false
-# glibc malloc: allocations above 128 KiB get their own mapping and go back to the OS when freed. With
-# glibc's default (a threshold that grows to 32 MiB after large frees) FSDP's freed per-layer all-gather
-# buffers stay resident in malloc's arenas, and on CPU the per-rank memory hardly falls with more ranks
-# (benchmarks/RESULTS.md, memory scaling). An allocator setting, not an FSDP one; ignored on CUDA memory.
+# Memory allocator: recipes_core.launch below preloads mimalloc into the ranks (fast, per-rank memory that
+# follows the FSDP arithmetic; RECIPES_ALLOCATOR=glibc keeps glibc). Where glibc's malloc is used, this
+# threshold makes blocks above 128 KiB go back to the OS when freed: with glibc's default FSDP's freed
+# all-gather buffers stay resident, and on CPU the per-rank memory hardly falls with more ranks
+# (benchmarks/RESULTS.md, memory scaling; recipes_core/launch.py).
 export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 
 # recipes_core.launch is torchrun (same arguments) that exits 2, without its own traceback, on bad input

@@ -43,6 +43,7 @@ from recipes_core import faults, preflight
 from recipes_core.collate import pack_examples, packed_collate, pad_collate
 from recipes_core.config import Config, dump, load_config, to_dict
 from recipes_core.errors import command
+from recipes_core.launch import allocator_in_use
 from recipes_core.lora import add_lora, initial_adapter_weights, lora_fields, weight_sources
 from recipes_core.loss import chunked_token_loss_sum
 from recipes_core.metrics import MetricsLogger, current_memory_bytes, flops_per_token, peak_flops, peak_memory_bytes
@@ -410,7 +411,8 @@ class RunLog:
                          "n_params": self.counts["total"], "n_trainable": self.counts["trainable"],
                          "precision": precision, "peak_flops_per_rank": self.peak,
                          "peak_flops_source": self.peak_source, "total_steps": total_steps, "setup_s": setup_s,
-                         "memory_before_model_bytes_per_rank": memory_before_model})
+                         "memory_before_model_bytes_per_rank": memory_before_model,
+                         "allocator": allocator_in_use()})
 
     def step(self, state: TrainState, result: StepResult, seconds: float, seq_len: int, last: bool) -> None:
         self.profiler.step()

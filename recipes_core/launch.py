@@ -7,7 +7,8 @@ notebook cell, a test, a benchmark) build it with `launch_command`, or run it an
     result = run_recipe(["--config", "cookbook/tiny_full.yaml", "train.max_steps=4"], nproc=2, log="run.log")
 
 Every launch picks a free rendezvous port (two notebooks or test runs on one machine must not collide on
-torchrun's default 29500) and sets MALLOC_ENV in the ranks' environment.
+torchrun's default 29500) and sets MALLOC_ENV in the ranks' environment; the launcher preloads mimalloc into
+the ranks (allocator_env, RECIPES_ALLOCATOR=glibc to keep glibc).
 
 The launcher is `python -m recipes_core.launch`, which takes torchrun's arguments and is torchrun, with one
 difference: when the job fails because its ranks exited with status 2 (bad input, already reported by rank 0
@@ -16,23 +17,69 @@ in one `error:` line), it exits 2 too, instead of torchrun's ChildFailedError tr
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-# glibc malloc setting for CPU training runs: every allocation above 128 KiB gets its own mapping and goes
-# back to the OS when freed. glibc's default threshold grows (up to 32 MiB) after large frees (AdamW's first
-# allocation, rank 0's full copy where it loads a model to broadcast it); after that FSDP's per-layer
-# all-gather buffers and gradients come from malloc's arenas and stay resident once freed, so per-rank RSS
-# barely falls with the number of ranks (SmolLM2 on 2 and 4 ranks: 1.6x and 2.3x the FSDP arithmetic of
-# the time, against 0.99x and 1.02x with this; with this setting against today's planner, recipes_core.plan:
-# 1.02x and 1.06x; benchmarks/RESULTS.md). An
-# allocator setting, not FSDP's; glibc reads it at process start, hence set by the launchers. Harmless on
-# CUDA (GPU memory is not malloc's) and ignored where the C library is not glibc.
+# The ranks' memory allocator. FSDP frees and reallocates its per-layer all-gather buffers and gradients
+# (1-100 MiB each) many times a step. glibc's malloc either keeps them resident once freed (its default: the
+# mmap threshold grows up to 32 MiB after large frees, and per-rank memory hardly falls with more ranks:
+# SmolLM2 on 2 and 4 ranks 1.6x and 2.3x the FSDP arithmetic), or, with MALLOC_ENV below, maps and faults
+# in every block above 128 KiB afresh, which follows the arithmetic (the planner's 1.02x) but is slow.
+# mimalloc (PyPI's cmeel-mimalloc, a dependency on Linux) reuses freed blocks and, with a purge delay of 0,
+# gives unused pages back at once: SmolLM2, 2 CPU ranks, 1.46-1.50x the tokens/s of the threshold setting
+# (about glibc's default speed) for 1.06x its peak RSS; the planner's check 1.11x (benchmarks/RESULTS.md).
+# `python -m recipes_core.launch` (and so launch_command, run_recipe and the cookbook's launchers) preloads
+# it into the ranks; RECIPES_ALLOCATOR=glibc keeps glibc with MALLOC_ENV, and an LD_PRELOAD already set is
+# left alone. Harmless on CUDA, where tensors are not malloc's. MALLOC_ENV stays in every launch command:
+# it is what glibc uses wherever mimalloc is not loaded (the launcher itself, nproc=0, other platforms).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+ALLOCATORS = ("mimalloc", "glibc")
 
+
+def mimalloc_library() -> str | None:
+    """Path of the libmimalloc shared library that the cmeel-mimalloc wheel installs, or None."""
+    try:
+        dist = importlib.metadata.distribution("cmeel-mimalloc")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for name in ("libmimalloc.so.3", "libmimalloc.so"):
+        path = Path(dist.locate_file(f"cmeel.prefix/lib/{name}"))
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def allocator_env(environ: dict | None = None) -> dict[str, str]:
+    """What the launcher adds to its ranks' environment: LD_PRELOAD of mimalloc on Linux where it is
+    installed, unless RECIPES_ALLOCATOR=glibc or LD_PRELOAD is already set (then nothing)."""
+    environ = os.environ if environ is None else environ
+    choice = environ.get("RECIPES_ALLOCATOR", "mimalloc")
+    if choice not in ALLOCATORS:
+        from recipes_core.errors import UserError
+
+        raise UserError(f"environment variable RECIPES_ALLOCATOR={choice!r}: set it to one of {', '.join(ALLOCATORS)}, or unset it")
+    if choice != "mimalloc" or environ.get("LD_PRELOAD") or not sys.platform.startswith("linux"):
+        return {}
+    library = mimalloc_library()
+    if library is None:
+        return {}
+    # Freed memory goes back to the OS at once rather than after 10 ms: as fast here, and the peak RSS
+    # stays near the live tensors (the planner's 15%: 1.11x against 1.28x with the 10 ms default).
+    return {"LD_PRELOAD": library, "MIMALLOC_PURGE_DELAY": environ.get("MIMALLOC_PURGE_DELAY", "0")}
+
+
+def allocator_in_use() -> str:
+    """'mimalloc' when this process runs with mimalloc loaded (from /proc/self/maps), else 'glibc' (or
+    the platform's C library)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "glibc"
+    return "mimalloc" if "libmimalloc" in maps else "glibc"
 
 class LaunchFailed(RuntimeError):
     """A launched run exited with a non-zero status; the message ends with the tail of its output."""
@@ -89,12 +136,19 @@ def run_script(script: str | Path, args: list[str] = (), nproc: int = 2, log: st
 
 def main(argv: list[str] | None = None) -> None:
     """torchrun (same arguments), except that a job whose first failing rank exited with status 2 (a
-    UserError, reported once by rank 0) exits 2 without torchrun's traceback of its own launcher."""
+    UserError, reported once by rank 0) exits 2 without torchrun's traceback of its own launcher; and the
+    ranks start with allocator_env() (mimalloc preloaded) in their environment."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from recipes_core.errors import USER_ERROR_EXIT
+    from recipes_core.errors import USER_ERROR_EXIT, UserError
 
+    try:
+        environment = allocator_env()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    os.environ.update(environment)  # torchrun starts the ranks with this process's environment
     try:
         run(parse_args(argv))
     except ChildFailedError as err:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,6 +257,13 @@ def test_resolved_config_is_saved(runs):
     saved = yaml.safe_load((runs["straight"] / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == STEPS and saved["data"]["format"] == "chat"
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cmeel-mimalloc is a Linux dependency")
+def test_the_launched_ranks_run_with_mimalloc(runs):
+    """launch_command's launcher preloads mimalloc into every rank (recipes_core.launch.allocator_env); the
+    rank records what its process has mapped. The in-process one-rank run stays on glibc."""
+    assert read_metrics(runs["straight"] / "metrics.jsonl", "start")[0]["allocator"] == "mimalloc"
 
 @pytest.mark.slow
 def test_hybrid_sharding_on_a_2x2_mesh_matches_full_sharding(runs, wide_tiny, tmp_path):

@@ -69,7 +69,8 @@ def mid_model(tmp_path_factory) -> Path:
 
 # 1 and 2 ranks in the test command (~10 s and ~20 s: sharding, gloo's collective copies and every rank, rank 0
 # included); 4 ranks with RECIPES_PLAN_MEASURE=1 (4 processes on 2 cores: ~45 s, over the suite's budget). Measured / predicted on 2026-12-03, every
-# rank, quiet and loaded machine: 1.03 (1 rank), 1.02-1.03 (2 ranks), 1.01-1.03 (4 ranks). Before, with the sum of
+# rank, with the launcher's mimalloc (recipes_core.launch.allocator_env): 1.12 (1 rank), 1.11-1.12 (2 ranks),
+# 1.09-1.11 (4 ranks); with RECIPES_ALLOCATOR=glibc (MALLOC_MMAP_THRESHOLD_=131072): 1.02-1.03 at each. Before, with the sum of
 # every part and a baseline taken before the data pipeline's imports (~110 MiB): 0.98, 1.13, 1.29.
 @pytest.mark.parametrize("ranks", [pytest.param(n, marks=pytest.mark.skipif(
     n == 4 and not os.environ.get("RECIPES_PLAN_MEASURE"), reason="4 ranks: RECIPES_PLAN_MEASURE=1"))
