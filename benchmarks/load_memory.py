@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/load_memory.py [--model smollm2] [--ranks 2,4] [--rounds 3] [--smoke]
 
-Each rank (this file under torchrun, 1 thread per rank, the launchers' MALLOC_ENV) loads the model with
+Each rank (this file under torchrun, 1 thread per rank, the launcher's allocator: mimalloc) loads the model with
 the recipe's `recipes_core.finetune.build_sharded_model`:
   sharded    the default: each rank reads only its own rows of the safetensors files into its shards;
   broadcast  from_rank0=True, the way before (and still for folders without safetensors): rank 0 reads the
@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common as C  # noqa: E402
-from recipes_core.launch import MALLOC_ENV  # noqa: E402
 
 ROUTES = ("broadcast", "sharded")
 TARGET = 1.3  # rank 0's peak RSS while loading / the other ranks' (issue 13)
@@ -122,7 +121,7 @@ def main(argv=None):
         "sharded: each rank reads its own rows of the safetensors files (memory-mapped; the pages it touched count "
         "in its RSS until the file is closed). broadcast: rank 0 holds the whole fp32 model from from_pretrained and "
         "its state dict while set_model_state_dict(broadcast_from_rank0=True) sends it.",
-        f"1 thread per rank; every rank with the launchers' {MALLOC_ENV}.",
+        "1 thread per rank; every rank with the launcher's allocator (recipes_core.launch.allocator_env: mimalloc).",
     ]
     return C.save_result("load_memory", "8. Loading: rank 0's memory against the other ranks'", C.command_line(),
                          {"model": model, "ranks": ranks, "rounds": rounds}, rows, ratios, notes, args.smoke, plot)

@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common as C  # noqa: E402
 
 SETTINGS = dict(seq=128, micro=1, steps=2)
-# Every allocation above 128 KiB gets its own mmap and goes back to the OS when freed, so RSS follows
-# the live tensors. glibc's default raises this threshold as large blocks are freed (up to 32 MiB), after
-# which FSDP's per-layer buffers (~14 MiB for SmolLM2) come from malloc arenas and stay resident when freed.
+# Allocators (recipes_core/launch.py): the launcher's mimalloc returns freed pages at once; glibc with
+# MALLOC_ENV gives every block above 128 KiB its own mapping; glibc's default raises its threshold as large
+# blocks are freed (up to 32 MiB), after which FSDP's per-layer buffers (~14 MiB for SmolLM2) come from
+# malloc arenas and stay resident when freed.
 from recipes_core import plan as P  # noqa: E402
-from recipes_core.launch import MALLOC_ENV  # noqa: E402  (the recipe's launchers set it)
+from recipes_core.launch import MALLOC_ENV  # noqa: E402  (glibc's setting in the launch command)
 
 
 def saved_activation_bytes(model, batch, device) -> int:
@@ -136,7 +137,9 @@ def main(argv=None):
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--ranks", default="1,2,4")
     parser.add_argument("--glibc-default", action="store_true",
-                        help="leave glibc's malloc tuning alone (freed memory may stay resident in its arenas)")
+                        help="glibc's malloc, untuned (freed memory may stay resident in its arenas)")
+    parser.add_argument("--glibc-threshold", action="store_true",
+                        help="glibc's malloc with MALLOC_ENV (RECIPES_ALLOCATOR=glibc), the launchers' setting before mimalloc")
     parser.add_argument("--reuse", action="store_true", help="re-render from the last worker outputs in runs/bench")
     parser.add_argument("--worker-out", help="internal: run as a torchrun worker")
     args = parser.parse_args(argv)
@@ -147,6 +150,8 @@ def main(argv=None):
             Path(args.worker_out).write_text(json.dumps(out))
         return None
     model = "tiny" if args.smoke else args.model
+    variant = "glibc_default" if args.glibc_default else "glibc_threshold" if args.glibc_threshold else "mimalloc"
+    suffix = "" if variant == "mimalloc" else f"_{variant}"
     ranks = [1] if args.smoke else [int(x) for x in args.ranks.split(",")]
     if args.smoke:
         s.update(seq=32, steps=1)
@@ -155,13 +160,14 @@ def main(argv=None):
         if args.smoke:
             data = worker(model, s["seq"], s["micro"], s["steps"])
         else:
-            out = C.RUNS / f"memory_{model}_{n}{'' if args.glibc_default else '_mmap'}.json"
+            out = C.RUNS / f"memory_{model}_{n}_{variant}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             if not (args.reuse and out.exists()):
-                # The recipe's launch command sets MALLOC_ENV (recipes_core.launch.launch_command);
-                # --glibc-default drops it to show what glibc's defaults do.
+                # The recipe's launcher preloads mimalloc (recipes_core.launch.allocator_env); the glibc
+                # variants turn that off, --glibc-default also drops launch_command's MALLOC_ENV.
+                env = {"RECIPES_ALLOCATOR": "glibc"} if variant != "mimalloc" else {}
                 C.run_cmd(C.torchrun(n, "benchmarks.memory_scaling", ["--model", model, "--worker-out", out],
-                                     malloc_env=not args.glibc_default), threads=1)
+                                     malloc_env=not args.glibc_default), threads=1, env_extra=env)
             data = json.loads(out.read_text())
         per_rank = []
         shape = P.resolve_model(str(C.model_dir(model)))[1]
@@ -185,7 +191,7 @@ def main(argv=None):
                               "within 15% (0.85-1.15x)", 0.85 <= rel <= 1.15))
         measured.append(max(x[0] for x in per_rank) / 2**20)
         predicted.append(max(x[1] for x in per_rank) / 2**20)
-    plot = C.bar_plot(C.plot_path("memory_scaling" + ("_glibc_default" if args.glibc_default else ""), args.smoke), f"Per-rank training memory, {model} (max over ranks)",
+    plot = C.bar_plot(C.plot_path("memory_scaling" + suffix, args.smoke), f"Per-rank training memory, {model} (max over ranks)",
                       [f"{n} rank(s)" for n in ranks], {"measured (peak RSS - baseline)": measured,
                                                         "planner (recipes_core.plan)": predicted}, "MiB")
     notes = [
@@ -200,12 +206,16 @@ def main(argv=None):
         "the issue's formula, 16P/N + those activations.",
         f"Batch: {s['micro']} x {s['seq']} random tokens per rank, {s['steps']} AdamW steps, fp32, 1 thread per rank.",
     ]
-    name = "memory_scaling" + ("_glibc_default" if args.glibc_default else "")
-    title = "6. Memory scaling: per-rank memory vs the memory planner" + (", glibc malloc defaults" if args.glibc_default else "")
-    notes.append("Allocator: glibc defaults (no tuning)." if args.glibc_default else
-                 f"Allocator: glibc with {MALLOC_ENV} in every rank, as the recipe's launchers set it "
-                 "(recipes_core.launch.launch_command, cookbook/*.sh), so that freed blocks leave the RSS; the same "
-                 "runs with glibc defaults are reported separately (memory_scaling_glibc_default).")
+    name = "memory_scaling" + suffix
+    title = "6. Memory scaling: per-rank memory vs the memory planner" + {
+        "mimalloc": "", "glibc_default": ", glibc malloc defaults",
+        "glibc_threshold": f", glibc with {MALLOC_ENV}"}[variant]
+    notes.append({"glibc_default": "Allocator: glibc defaults (no tuning; RECIPES_ALLOCATOR=glibc, no MALLOC_ENV).",
+                  "glibc_threshold": f"Allocator: glibc with {MALLOC_ENV} (RECIPES_ALLOCATOR=glibc), the launchers' "
+                                     "setting before mimalloc: every block above 128 KiB its own mapping.",
+                  "mimalloc": "Allocator: the launcher's mimalloc with MIMALLOC_PURGE_DELAY=0 (recipes_core.launch."
+                              "allocator_env), as users get it; the glibc variants are sections "
+                              "memory_scaling_glibc_threshold and memory_scaling_glibc_default."}[variant])
     return C.save_result(name, title, C.command_line(),
                          {"model": model, "ranks": ranks, **s, "optimizer": "AdamW fused=True (the recipe's)"}, rows, ratios, notes, args.smoke, plot)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from statistics import median
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,25 +25,40 @@ from benchmarks import common as C  # noqa: E402
 
 SETTINGS = {  # per model: sequence length, micro-batch per rank, accumulation (2 ranks), steps, warm-up steps, lr
     "tiny": dict(seq=128, micro=4, accum=2, steps=12, skip=2, lr=3e-3),
-    "smollm2": dict(seq=128, micro=1, accum=2, steps=3, skip=1, lr=2e-5),  # 3 steps: the three routes fit 5 minutes
+    "smollm2": dict(seq=128, micro=1, accum=2, steps=4, skip=1, lr=2e-5),
 }
 SMOKE = dict(seq=64, micro=2, accum=1, steps=2, skip=1, lr=3e-3, examples=32)
+# Ours runs each model's own cookbook recipe, as a user gets it (its fsdp section: smollm2_full.yaml keeps
+# the parameters gathered through the step), on the peers' data (tiny_full.yaml's Alpaca file) and shape.
+RECIPES = {"tiny": "cookbook/tiny_full.yaml", "smollm2": "cookbook/smollm2_full.yaml"}
+SAME_DATA = ["data.format=alpaca", "data.train_path=cookbook/data/alpaca_train.jsonl", "train.weight_decay=0.0"]
+# Ours with other launcher or recipe settings, against the defaults: (route name, environment, overrides).
+VARIANTS = {
+    "tiny": [("ours, glibc (before: MALLOC_MMAP_THRESHOLD_)", {"RECIPES_ALLOCATOR": "glibc"}, [])],
+    "smollm2": [("ours, glibc (MALLOC_MMAP_THRESHOLD_)", {"RECIPES_ALLOCATOR": "glibc"}, []),
+                ("ours, before (glibc threshold, gather_once_per_step off)", {"RECIPES_ALLOCATOR": "glibc"},
+                 ["fsdp.gather_once_per_step=false"])],
+}
 
 
-def run_ours(model: str, s: dict, nproc: int = 2, module: str = "recipes_core.finetune", malloc_env: bool = True) -> dict:
-    out = C.RUNS / f"train_finetune_{model}_{nproc}{'' if malloc_env else '_glibc'}"
+def run_ours(model: str, s: dict, nproc: int = 2, env: dict | None = None, overrides: list[str] = (),
+             tag: str = "") -> dict:
+    out = C.RUNS / f"train_finetune_{model}_{nproc}{tag}"
     extra = [f"model.source=hf", f"model.path={C.model_dir(model)}", f"data.max_seq_len={s['seq']}",
              f"train.micro_batch_size={s['micro']}", f"train.grad_accum_steps={s['accum']}", f"train.lr={s['lr']}",
              "train.warmup_steps=0", "train.lr_schedule=cosine", "train.seed=42",
-             f"data.max_train_examples={s.get('examples', 0)}", *s.get("extra", [])]
+             f"data.max_train_examples={s.get('examples', 0)}", *SAME_DATA, *s.get("extra", []), *overrides]
+    recipe = RECIPES[model]
     if nproc:
-        C.run_cmd(C.torchrun(nproc, module, C.finetune_overrides(out, s["steps"], extra), malloc_env), threads=1)
+        C.run_cmd(C.torchrun(nproc, "recipes_core.finetune", C.finetune_overrides(out, s["steps"], extra, recipe)),
+                  threads=1, env_extra=env)
         start, steps = C.read_finetune_metrics(out)
     else:  # smoke: one process, in this process
-        start, steps = C.finetune_inprocess(out, s["steps"], extra)
+        start, steps = C.finetune_inprocess(out, s["steps"], extra, recipe)
     row = C.steady_throughput(steps, s["skip"])
     row["peak_memory_bytes_per_rank"] = steps[-1]["peak_memory_bytes_per_rank"]
-    row["parallelism"] = f"FSDP2 fully_shard ({nproc} ranks, gloo)" if nproc else "FSDP2, group of one (in-process smoke)"
+    row["parallelism"] = (f"FSDP2 fully_shard ({nproc} ranks, gloo, {start.get('allocator', 'glibc')})" if nproc
+                          else "FSDP2, group of one (in-process smoke)")
     row["start"], row["steps"] = start, steps
     return row
 
@@ -74,6 +90,7 @@ def run_peer(route: str, model: str, s: dict, inprocess: bool = False, threads: 
 def main(argv=None):
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--rounds", type=int, default=3, help="every route once per round, interleaved")
     parser.add_argument("--profile", action="store_true",
                         help="instead: one optimizer step of ours (FSDP2) and of the Trainer's DDP under torch.profiler")
     args = parser.parse_args(argv)
@@ -81,48 +98,58 @@ def main(argv=None):
         return profile(args)
     models = ["tiny"] if args.smoke else args.models.split(",")
     result = None
-    for model in models:  # one section (and one plot) per model: each is a command under 5 minutes
+    for model in models:  # one section (and one plot) per model: one command each in run_all.py
         result = compare(args, model)
     return result
 
 
 def compare(args, model: str) -> dict:
     s = SMOKE if args.smoke else SETTINGS[model]
-    print(f"train_compare: {model} {s}", flush=True)
+    print(f"train_compare: {model} {s}, {1 if args.smoke else args.rounds} round(s)", flush=True)
     failures = []
     if args.smoke:  # one process each, in this process: checks the routes run, measures nothing
-        results = {"ours": run_ours(model, s, nproc=0), "trainer": run_peer("trainer", model, s, inprocess=True),
-                   "plain": run_peer("plain", model, s, inprocess=True)}
-    else:
-        results = {"ours": run_ours(model, s), "trainer": run_peer("trainer", model, s),
-                   "plain": run_peer("plain", model, s, False, 1),
-                   "ours, glibc malloc defaults": run_ours(model, s, 2, "recipes_core.finetune", False)}
-        if model == "tiny":  # reference: the same loop on both cores (see the notes)
-            try:
-                results["plain, 2 threads"] = run_peer("plain", model, s, False, 2)
-            except RuntimeError as err:
-                failures.append(f"plain, 2 threads: {str(err).splitlines()[0]}")
+        rounds = [{"ours": run_ours(model, s, nproc=0), "trainer": run_peer("trainer", model, s, inprocess=True),
+                   "plain": run_peer("plain", model, s, inprocess=True)}]
+    else:  # every route once per round, rounds one after the other: slow spells of the host hit every route
+        routes = {"ours": lambda: run_ours(model, s), "trainer": lambda: run_peer("trainer", model, s),
+                  "plain": lambda: run_peer("plain", model, s, False, 1)}
+        for i, (name, env, overrides) in enumerate(VARIANTS[model]):
+            routes[name] = lambda env=env, overrides=overrides, i=i: run_ours(model, s, 2, env, overrides, f"_v{i}")
+        rounds = []
+        for r in range(args.rounds):
+            print(f"round {r + 1} of {args.rounds}", flush=True)
+            rounds.append({route: run() for route, run in routes.items()})
     rows, ratios = [], []
-    for route, r in results.items():
-        rows.append({"model": model, "route": route, "parallelism": r["parallelism"],
-                     "tokens/s": r["tokens_per_s"], "supervised tokens/s": r["supervised_tokens_per_s"],
-                     "steps timed": r["steps_timed"],
-                     "peak RSS per process (MiB)": " / ".join(f"{m / 2**20:.0f}" for m in r["peak_memory_bytes_per_rank"])})
-    ours, trainer, plain = results["ours"], results["trainer"], results["plain"]
-    r_tr = ours["tokens_per_s"] / trainer["tokens_per_s"]
-    ratios.append(C.ratio(f"{model}: ours / Trainer tokens/s", r_tr, ">= 1.0x", None if args.smoke else r_tr >= 1.0))
-    r_sup = ours["supervised_tokens_per_s"] / trainer["supervised_tokens_per_s"]
-    ratios.append(C.ratio(f"{model}: ours / Trainer supervised tokens/s", r_sup, None, None,
-                          "same batches up to shuffle order"))
-    ratios.append(C.ratio(f"{model}: ours / plain 1-process loop tokens/s", ours["tokens_per_s"] / plain["tokens_per_s"]))
-    if "ours, glibc malloc defaults" in results:
-        glibc = results["ours, glibc malloc defaults"]
-        r_gl = glibc["tokens_per_s"] / trainer["tokens_per_s"]
-        ratios.append(C.ratio(f"{model}: ours with glibc malloc defaults / Trainer tokens/s", r_gl, ">= 1.0x", r_gl >= 1.0,
-                              "without the launchers' MALLOC_MMAP_THRESHOLD_ (faster, more resident memory)"))
-        ratios.append(C.ratio(f"{model}: ours / ours with glibc malloc defaults tokens/s", ours["tokens_per_s"] / glibc["tokens_per_s"],
-                              None, None, "the allocator setting's cost in speed"))
-    return save(args, model, s, results, rows, ratios, failures)
+    for route in rounds[0]:
+        runs = [rnd[route] for rnd in rounds]
+        tps = [r["tokens_per_s"] for r in runs]
+        rows.append({"model": model, "route": route, "parallelism": runs[0]["parallelism"],
+                     "tokens/s (median)": median(tps), "min-max": f"{min(tps):,.1f}-{max(tps):,.1f}",
+                     "supervised tokens/s (median)": median([r["supervised_tokens_per_s"] for r in runs]),
+                     "steps timed": sum(r["steps_timed"] for r in runs),
+                     "peak RSS per process (MiB, highest round)": " / ".join(
+                         f"{max(r['peak_memory_bytes_per_rank'][k] for r in runs) / 2**20:.0f}"
+                         for k in range(len(runs[0]["peak_memory_bytes_per_rank"])))})
+
+    def per_round(a: str, b: str, key: str = "tokens_per_s") -> tuple[float, str]:
+        """Median of the per-round ratios a/b (each round's pair ran minutes apart), and their min-max."""
+        values = [rnd[a][key] / rnd[b][key] for rnd in rounds]
+        return median(values), f"{len(values)} round(s), min {min(values):.2f}x, max {max(values):.2f}x"
+
+    value, spread = per_round("ours", "trainer")
+    ratios.append(C.ratio(f"{model}: ours / Trainer tokens/s", value, ">= 1.0x", None if args.smoke else value >= 1.0,
+                          f"median of per-round ratios; {spread}"))
+    value, spread = per_round("ours", "trainer", "supervised_tokens_per_s")
+    ratios.append(C.ratio(f"{model}: ours / Trainer supervised tokens/s", value, None, None,
+                          f"same batches up to shuffle order; {spread}"))
+    value, spread = per_round("ours", "plain")
+    ratios.append(C.ratio(f"{model}: ours / plain 1-process loop tokens/s", value, None, None, spread))
+    for name, _, _ in ([] if args.smoke else VARIANTS[model]):
+        value, spread = per_round(name, "trainer")
+        ratios.append(C.ratio(f"{model}: {name} / Trainer tokens/s", value, None, None, spread))
+        value, spread = per_round("ours", name)
+        ratios.append(C.ratio(f"{model}: ours / {name} tokens/s", value, None, None, spread))
+    return save(args, model, s, rounds, rows, ratios, failures)
 
 
 PROFILE = {"tiny": dict(seq=128, micro=4, accum=2, steps=3, lr=3e-3), "smollm2": dict(seq=128, micro=1, accum=2, steps=2, lr=2e-5)}
@@ -172,32 +199,37 @@ def profile(args):
                          C.command_line(), {}, rows, ratios, notes, args.smoke)
 
 
-def save(args, model, s, results, rows, ratios, failures):
-    plot = C.bar_plot(C.plot_path(f"train_compare_{model}", args.smoke), f"Training tokens/s, {model} (same run)",
-                      [model], {route: [r["tokens_per_s"]] for route, r in results.items()}, "tokens / s")
+def save(args, model, s, rounds, rows, ratios, failures):
+    plot = C.bar_plot(C.plot_path(f"train_compare_{model}", args.smoke), f"Training tokens/s, {model} (median of {len(rounds)} round(s))",
+                      [model], {route: [median([rnd[route]["tokens_per_s"] for rnd in rounds])] for route in rounds[0]},
+                      "tokens / s")
     settings = {model: ("smoke " if args.smoke else "") + ", ".join(f"{k}={v}" for k, v in s.items()),
                 "global batch": "micro x accum x 2 ranks (plain loop: micro x 2*accum)",
                 "optimizer": "AdamW fused=True in all routes (the recipe's; the Trainer's default adamw_torch_fused)"}
     notes = [
-        "Our recipe is `recipes_core.finetune` itself, launched with `recipes_core.launch.launch_command` as "
-        "users of the notebooks do (FSDP2 `fully_shard` per decoder layer, gloo, MALLOC_MMAP_THRESHOLD_ set); its step "
-        "time and tokens come from its own metrics.jsonl.",
+        "Our recipe is `recipes_core.finetune` itself on the model's own cookbook recipe (tiny_full.yaml, "
+        "smollm2_full.yaml: its fsdp section, e.g. SmolLM2's gather_once_per_step), with the peers' data, shape and "
+        "schedule as overrides, launched with `recipes_core.launch.launch_command` as users of the notebooks do (FSDP2 "
+        "`fully_shard` per decoder layer, gloo, the launcher's mimalloc: the parallelism column names the allocator "
+        "the ranks recorded); its step time and tokens come from its own metrics.jsonl.",
+        "Rounds: every route runs once per round, the rounds one after the other (A B C A B C ...), so a slow spell of "
+        "the host falls on every route; a ratio is the median of the per-round ratios, with their min and max.",
         "The Trainer under torchrun on CPU uses **DistributedDataParallel over gloo** (the parallelism column is "
         "read from `trainer.model_wrapped` in the run), with its default `ddp_find_unused_parameters=True`, i.e. what a "
-        "user gets without extra flags. It is timed from `on_step_begin` to `on_step_end`, which leaves out its "
-        "batch fetch and token count (our timer includes our token-count all-reduces): a small bias in the Trainer's favour.",
+        "user gets without extra flags, and glibc's malloc defaults. It is timed from `on_step_begin` to `on_step_end`, "
+        "which leaves out its batch fetch and token count (our timer includes our token-count all-reduces): a small "
+        "bias in the Trainer's favour.",
         "Peak RSS per process is `ru_maxrss` of each process, the same method for every route; it includes the "
-        "~450 MiB of imported libraries (in runs before sharded loading, our rank 0's also included the full state dict it read and broadcast at load time).",
+        "~450 MiB of imported libraries.",
         "DDP keeps full parameters, gradients and AdamW states on every rank and sends one bucketed all-reduce per "
         "step, overlapped with backward; FSDP keeps 1/N of each but all-gathers each layer in forward and backward and "
         "reduce-scatters gradients: on 2 CPU ranks with 1 thread each, gloo collectives are copies through shared "
         "memory, and each one waits until both ranks are on a core (section 1b counts them).",
-        "`ours, glibc malloc defaults` is the same recipe launched without the MALLOC_MMAP_THRESHOLD_ that "
-        "launch_command and the cookbook launchers set: every allocation above the threshold is a fresh mapping whose "
-        "pages are faulted in and zeroed again each time, the price of giving freed memory back (section 6).",
-        "The plain loop is one process with 1 thread (the other core idle). With other jobs on the 2 cores (load average "
-        "6-7), a 2-thread OpenMP process waits at every op's barrier for a descheduled thread, and its step times swing "
-        "by 10-40x; the `plain, 2 threads` row (tiny only) shows it.",
+        "`ours, glibc (MALLOC_MMAP_THRESHOLD_)` is the same recipe with RECIPES_ALLOCATOR=glibc: glibc with the 128 KiB "
+        "mmap threshold, the launchers' setting before mimalloc, where every block above the threshold is a fresh "
+        "mapping whose pages are faulted in and zeroed each time. `ours, before` (SmolLM2) is also without "
+        "gather_once_per_step: the recipe as it stood before both changes.",
+        "The plain loop is one process with 1 thread (the other core idle).",
     ] + [f"FAILED: {f}" for f in failures]
     return C.save_result(f"train_compare_{model}", f"1. Training throughput, {model}: FSDP2 recipe vs HF Trainer vs plain loop",
                          C.command_line(), settings, rows, ratios, notes, args.smoke, plot)
