@@ -3,7 +3,7 @@
   --route trainer  Hugging Face `Trainer` (launch under torchrun: on CPU it wraps the model in
                    DistributedDataParallel over gloo; the route records which wrapper it really used)
   --route plain    a single-process plain PyTorch loop (model(**batch).loss, backward, clip, AdamW)
-  --route profile-fsdp, profile-fsdp-noreshard, profile-ddp
+  --route profile-fsdp, profile-fsdp-noreshard, profile-fsdp-once, profile-ddp
                    one profiled step: the recipe's own (recipes_core.finetune.train_step) or the Trainer's DDP
 
 Same model folder, same tokenized examples and collation as recipes_core.finetune (its own
@@ -35,7 +35,7 @@ from recipes_core.tokens import load_tokenizer  # noqa: E402
 
 def parse(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--route", choices=("trainer", "plain", "profile-fsdp", "profile-fsdp-noreshard", "profile-ddp"), required=True)
+    p.add_argument("--route", choices=("trainer", "plain", "profile-fsdp", "profile-fsdp-noreshard", "profile-fsdp-once", "profile-ddp"), required=True)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=6)
@@ -144,7 +144,8 @@ def run_plain(args):
 def run_profile(args) -> None:
     """One optimizer step (accum micro-batches, clip, fused AdamW), profiled on rank 0 after --steps - 1
     warm-up steps: the recipe's own model, optimizer and step (profile-fsdp: build_sharded_model,
-    setup_optimizer, train_step; profile-fsdp-noreshard: the same with fsdp.reshard_after_forward=false)
+    setup_optimizer, train_step; profile-fsdp-noreshard: the same with fsdp.reshard_after_forward=false;
+    profile-fsdp-once: with fsdp.gather_once_per_step=true, as smollm2_full.yaml ships)
     or the Trainer's wrapping (profile-ddp: DistributedDataParallel over gloo, model(**batch).loss).
     Writes a JSON summary (wall time and its split: matmuls, collectives, optimizer, other) and the op table."""
     import torch.distributed as dist
@@ -159,12 +160,15 @@ def run_profile(args) -> None:
         batches = [collate(examples[(env.rank * args.accum + i) * args.micro:(env.rank * args.accum + i + 1) * args.micro])
                    for i in range(args.accum)]
         if args.route.startswith("profile-fsdp"):  # exactly the recipe's model, optimizer and step
-            reshard = str(args.route == "profile-fsdp").lower()
+            reshard = str(args.route != "profile-fsdp-noreshard").lower()
+            once = args.route == "profile-fsdp-once"
             cfg = load_config("cookbook/tiny_full.yaml", ["model.source=hf", f"model.path={args.model_dir}",
-                              f"train.lr={args.lr}", f"fsdp.reshard_after_forward={reshard}"])
+                              f"train.lr={args.lr}", f"fsdp.reshard_after_forward={reshard}",
+                              f"fsdp.gather_once_per_step={str(once).lower()}"])
             model = build_sharded_model(cfg, env, args.model_dir, load_model_config(args.model_dir))[0]
             optimizer, scheduler = setup_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], args.steps)
-            step = lambda: train_step(model, batches, optimizer, scheduler, env, max_grad_norm=1.0)
+            step = lambda: train_step(model, batches, optimizer, scheduler, env, max_grad_norm=1.0,
+                                      gather_once_per_step=once)
         else:
             from transformers import AutoModelForCausalLM
 

@@ -75,9 +75,10 @@ def run_peer(route: str, model: str, s: dict, inprocess: bool = False, threads: 
         from benchmarks import _peer_worker
 
         _peer_worker.main([str(a) for a in args])
-    else:  # the Trainer under torchrun, the plain loop as one process (nproc 0); glibc's malloc defaults
+    else:  # the Trainer under torchrun, the plain loop as one process (nproc 0); glibc's malloc defaults, as
+        # plain torchrun leaves them (our launcher would preload mimalloc: RECIPES_ALLOCATOR=glibc turns it off)
         C.run_cmd(C.torchrun(nproc, None, args, malloc_env=False, script=C.BENCH / "_peer_worker.py"),
-                  threads=1 if nproc else threads)
+                  threads=1 if nproc else threads, env_extra={"RECIPES_ALLOCATOR": "glibc"})
     records = [json.loads(line) for line in out.read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "train"]
     summary = records[-1]
@@ -163,7 +164,8 @@ def profile(args):
     for model in models:
         s = dict(PROFILE[model], steps=2) if args.smoke else PROFILE[model]
         walls = {}
-        for impl in ("fsdp", "fsdp-noreshard", "ddp") if model == "tiny" and not args.smoke else ("fsdp", "ddp"):
+        for impl in ("fsdp", "fsdp-noreshard", "fsdp-once", "ddp") if model == "tiny" and not args.smoke else \
+                (("fsdp", "ddp") if args.smoke else ("fsdp", "fsdp-once", "ddp")):
             out = C.RUNS / f"train_profile_{model}_{impl}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             args_ = ["--route", f"profile-{impl}", "--model-dir", C.model_dir(model), "--out", out, "--steps", s["steps"],
@@ -176,6 +178,7 @@ def profile(args):
             walls[impl] = r["wall_s"]
             route = {"fsdp": "ours: FSDP2 (build_sharded_model, token_loss_sum)",
                      "fsdp-noreshard": "ours with fsdp.reshard_after_forward=false",
+                     "fsdp-once": "ours with fsdp.gather_once_per_step=true (smollm2_full.yaml's setting)",
                      "ddp": "Trainer's wrapping: DDP, model(**batch).loss"}[impl]
             rows.append({"model": model, "route": route, "profiled step (s)": r["wall_s"],
                          "matmul + attention share": r["shares"]["matmul + attention kernels"],
@@ -186,12 +189,16 @@ def profile(args):
                 f". Full table: results/train_profile_{model}_{impl}.txt.")
         ratios.append(C.ratio(f"{model}: profiled step time ours (FSDP2) / DDP", walls["fsdp"] / walls["ddp"], None, None,
                               "lower is faster; one step each"))
+        if "fsdp-once" in walls:
+            ratios.append(C.ratio(f"{model}: profiled step time ours with gather_once_per_step=true / DDP",
+                                  walls["fsdp-once"] / walls["ddp"], None, None, "parameters gathered once per step"))
         if "fsdp-noreshard" in walls:
             ratios.append(C.ratio(f"{model}: profiled step time ours with reshard_after_forward=False / DDP",
                                   walls["fsdp-noreshard"] / walls["ddp"], None, None, "half the all-gathers, full parameters in backward"))
     notes.insert(0, "Settings: " + "; ".join(f"{m}: seq={PROFILE[m]['seq']}, micro={PROFILE[m]['micro']}, accum={PROFILE[m]['accum']}, "
                                             f"profiled step {PROFILE[m]['steps']} (after {PROFILE[m]['steps'] - 1} warm-up)" for m in models)
-                 + ". Self CPU time on rank 0 (both ranks do the same work); collectives = gloo all-gather, reduce-scatter, "
+                 + ". Every route under the launcher's mimalloc (the same allocator for ours and DDP, so the ops compare)"
+                 ". Self CPU time on rank 0 (both ranks do the same work); collectives = gloo all-gather, reduce-scatter, "
                  "all-reduce and broadcast ops and the waits on them, FSDP's own record_function labels included; collective ops = "
                  "the c10d collectives issued (one per collective, as recipes_core.profiling.count_collectives counts them; "
                  "before 2026-12 this column counted every matching profiler event, 4-5 per collective).")
