@@ -296,15 +296,16 @@ RESULTS_HEADER = """# Benchmarks
 
 Each benchmark compares our recipe with what a user would pick instead, **in one run, on the same
 machine, at the same settings**, and states the result as a ratio. Absolute numbers on this shared
-2-core machine move with whatever else runs (other test suites ran during these runs; the
-load average is given per benchmark), so read the ratios, not the absolute tokens/s.
+2-core machine move with whatever else runs (the load average before each command is given per
+benchmark), so read the ratios, not the absolute tokens/s.
 
 Thread budget: the machine has 2 cores. A 2-rank run gives each rank `OMP_NUM_THREADS=1`. Single-process
 routes (the plain loop, MFU, inference) run 1 thread: with other jobs on the cores, a 2-thread process
 waits at every op's OpenMP barrier for a descheduled thread (the tiny plain loop ran 30x slower on 2
-threads than on 1, back to back; section 1 keeps that row), which would measure the neighbours. The
-launchers' allocator setting (`MALLOC_MMAP_THRESHOLD_`, section 6) is on in our multi-rank runs, as users
-get it; section 1 also runs our recipe without it.
+threads than on 1, back to back, in an earlier run), which would measure the neighbours. The
+launcher's allocator (mimalloc preloaded by `python -m recipes_core.launch`, sections 1 and 6) is on in
+our multi-rank runs, as users get it; section 1 also runs our recipe on glibc, and the peers run on glibc's
+defaults as plain `torchrun` leaves them.
 Nothing touches the Hugging Face Hub (`HF_HUB_OFFLINE=1`); SmolLM2-135M-Instruct comes from the GGUF
 file (`make smollm2`), converted once by `recipes_core.models.gguf_to_hf` into
 `runs/cache/smollm2-135m-instruct-hf`.

@@ -30,8 +30,9 @@ from pathlib import Path
 # SmolLM2 on 2 and 4 ranks 1.6x and 2.3x the FSDP arithmetic), or, with MALLOC_ENV below, maps and faults
 # in every block above 128 KiB afresh, which follows the arithmetic (the planner's 1.02x) but is slow.
 # mimalloc (PyPI's cmeel-mimalloc, a dependency on Linux) reuses freed blocks and, with a purge delay of 0,
-# gives unused pages back at once: SmolLM2, 2 CPU ranks, 1.46-1.50x the tokens/s of the threshold setting
-# (about glibc's default speed) for 1.06x its peak RSS; the planner's check 1.11x (benchmarks/RESULTS.md).
+# gives unused pages back at once: SmolLM2, 2 CPU ranks, 1.33x (1.22-1.34) the tokens/s of the threshold
+# setting (about glibc's default speed) for 1.06x its peak RSS; measured / planner 1.06-1.09 for SmolLM2 at 1,
+# 2 and 4 ranks and 1.09-1.12 in tests/test_plan.py (benchmarks/RESULTS.md, sections 1 and 6).
 # `python -m recipes_core.launch` (and so launch_command, run_recipe and the cookbook's launchers) preloads
 # it into the ranks; RECIPES_ALLOCATOR=glibc keeps glibc with MALLOC_ENV, and an LD_PRELOAD already set is
 # left alone. Harmless on CUDA, where tensors are not malloc's. MALLOC_ENV stays in every launch command:
