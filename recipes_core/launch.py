@@ -33,8 +33,8 @@ from pathlib import Path
 # gives unused pages back at once: SmolLM2, 2 CPU ranks, 1.33x (1.22-1.34) the tokens/s of the threshold
 # setting (about glibc's default speed) for 1.06x its peak RSS; measured / planner 1.06-1.09 for SmolLM2 at 1,
 # 2 and 4 ranks and 1.09-1.12 in tests/test_plan.py (benchmarks/RESULTS.md, sections 1 and 6).
-# `python -m recipes_core.launch` (and so launch_command, run_recipe and the cookbook's launchers) preloads
-# it into the ranks; RECIPES_ALLOCATOR=glibc keeps glibc with MALLOC_ENV, and an LD_PRELOAD already set is
+# `python -m recipes_core.launch` (and so launch_command, run_recipe and cookbook/launch_single_node.sh)
+# preloads it into the ranks; RECIPES_ALLOCATOR=glibc keeps glibc with MALLOC_ENV, and an LD_PRELOAD already set is
 # left alone. Harmless on CUDA, where tensors are not malloc's. MALLOC_ENV stays in every launch command:
 # it is what glibc uses wherever mimalloc is not loaded (the launcher itself, nproc=0, other platforms).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -81,6 +81,7 @@ def allocator_in_use() -> str:
     except OSError:
         return "glibc"
     return "mimalloc" if "libmimalloc" in maps else "glibc"
+
 
 class LaunchFailed(RuntimeError):
     """A launched run exited with a non-zero status; the message ends with the tail of its output."""
