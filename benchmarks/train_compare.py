@@ -107,7 +107,6 @@ def main(argv=None):
 def compare(args, model: str) -> dict:
     s = SMOKE if args.smoke else SETTINGS[model]
     print(f"train_compare: {model} {s}, {1 if args.smoke else args.rounds} round(s)", flush=True)
-    failures = []
     if args.smoke:  # one process each, in this process: checks the routes run, measures nothing
         rounds = [{"ours": run_ours(model, s, nproc=0), "trainer": run_peer("trainer", model, s, inprocess=True),
                    "plain": run_peer("plain", model, s, inprocess=True)}]
@@ -150,9 +149,10 @@ def compare(args, model: str) -> dict:
         ratios.append(C.ratio(f"{model}: {name} / Trainer tokens/s", value, None, None, spread))
         value, spread = per_round("ours", name)
         ratios.append(C.ratio(f"{model}: ours / {name} tokens/s", value, None, None, spread))
-    return save(args, model, s, rounds, rows, ratios, failures)
+    return save(args, model, s, rounds, rows, ratios)
 
 
+PROFILE_ROUTES = {"tiny": ("fsdp", "fsdp-noreshard", "fsdp-once", "ddp"), "smollm2": ("fsdp", "fsdp-once", "ddp")}
 PROFILE = {"tiny": dict(seq=128, micro=4, accum=2, steps=3, lr=3e-3), "smollm2": dict(seq=128, micro=1, accum=2, steps=2, lr=2e-5)}
 
 
@@ -164,8 +164,8 @@ def profile(args):
     for model in models:
         s = dict(PROFILE[model], steps=2) if args.smoke else PROFILE[model]
         walls = {}
-        for impl in ("fsdp", "fsdp-noreshard", "fsdp-once", "ddp") if model == "tiny" and not args.smoke else \
-                (("fsdp", "ddp") if args.smoke else ("fsdp", "fsdp-once", "ddp")):
+        impls = ("fsdp", "ddp") if args.smoke else PROFILE_ROUTES[model]
+        for impl in impls:
             out = C.RUNS / f"train_profile_{model}_{impl}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             args_ = ["--route", f"profile-{impl}", "--model-dir", C.model_dir(model), "--out", out, "--steps", s["steps"],
@@ -206,7 +206,7 @@ def profile(args):
                          C.command_line(), {}, rows, ratios, notes, args.smoke)
 
 
-def save(args, model, s, rounds, rows, ratios, failures):
+def save(args, model, s, rounds, rows, ratios):
     plot = C.bar_plot(C.plot_path(f"train_compare_{model}", args.smoke), f"Training tokens/s, {model} (median of {len(rounds)} round(s))",
                       [model], {route: [median([rnd[route]["tokens_per_s"] for rnd in rounds])] for route in rounds[0]},
                       "tokens / s")
@@ -237,7 +237,7 @@ def save(args, model, s, rounds, rows, ratios, failures):
         "mapping whose pages are faulted in and zeroed each time. `ours, before` (SmolLM2) is also without "
         "gather_once_per_step: the recipe as it stood before both changes.",
         "The plain loop is one process with 1 thread (the other core idle).",
-    ] + [f"FAILED: {f}" for f in failures]
+    ]
     return C.save_result(f"train_compare_{model}", f"1. Training throughput, {model}: FSDP2 recipe vs HF Trainer vs plain loop",
                          C.command_line(), settings, rows, ratios, notes, args.smoke, plot)
 

@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from recipes_core.errors import USER_ERROR_EXIT, UserError, command
+
 # The ranks' memory allocator. FSDP frees and reallocates its per-layer all-gather buffers and gradients
 # (1-100 MiB each) many times a step. glibc's malloc either keeps them resident once freed (its default: the
 # mmap threshold grows up to 32 MiB after large frees, and per-rank memory hardly falls with more ranks:
@@ -60,8 +62,6 @@ def allocator_env(environ: dict | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     choice = environ.get("RECIPES_ALLOCATOR", "mimalloc")
     if choice not in ALLOCATORS:
-        from recipes_core.errors import UserError
-
         raise UserError(f"environment variable RECIPES_ALLOCATOR={choice!r}: set it to one of {', '.join(ALLOCATORS)}, or unset it")
     if choice != "mimalloc" or environ.get("LD_PRELOAD") or not sys.platform.startswith("linux"):
         return {}
@@ -136,6 +136,7 @@ def run_script(script: str | Path, args: list[str] = (), nproc: int = 2, log: st
     return _run(launch_command(nproc, args=[str(a) for a in args], script=script), log, cwd, check, env)
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     """torchrun (same arguments), except that a job whose first failing rank exited with status 2 (a
     UserError, reported once by rank 0) exits 2 without torchrun's traceback of its own launcher; and the
@@ -143,14 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from recipes_core.errors import USER_ERROR_EXIT, UserError
-
-    try:
-        environment = allocator_env()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
-    os.environ.update(environment)  # torchrun starts the ranks with this process's environment
+    os.environ.update(allocator_env())  # torchrun starts the ranks with this process's environment
     try:
         run(parse_args(argv))
     except ChildFailedError as err:
