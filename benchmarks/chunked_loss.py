@@ -1,12 +1,15 @@
 """Benchmark: peak memory of a SmolLM2 training step with the plain loss and with chunked cross-entropy.
 
-    .venv/bin/python benchmarks/chunked_loss.py [--seq 2048] [--repeats 3] [--chunks 1024,256] [--smoke]
+    .venv/bin/python benchmarks/chunked_loss.py [--seq 2048] [--repeats 3] [--chunks 256] [--ranks 1,2]
+                                                [--activation-checkpointing] [--smoke]
 
-Each measurement is one fresh process (one rank, the recipe's model build: FSDP2 over a group of one,
-`build_sharded_model`; AdamW fused, as recipes_core.finetune), with the launchers' MALLOC_ENV so that freed
-blocks leave the RSS. The optimizer states exist before the measured step (a first step on 8 tokens
-creates them), so the measured step is a steady-state one: micro-batch 1 x `--seq` random tokens, all
-supervised, forward + backward + clip + AdamW step, with `token_loss_sum(..., chunk_size)`.
+Each measurement is one fresh launch of the recipe's launcher (recipes_core.launch: torchrun, mimalloc) on
+1 or 2 ranks, the recipe's model build (FSDP2, `build_sharded_model`; AdamW fused, as recipes_core.finetune).
+On 2 ranks the weights, gradients and AdamW states are sharded (half each) while every rank computes its own
+micro-batch's logits whole: the loss's share of a rank's memory grows with the ranks. The optimizer states
+exist before the measured step (a first step on 8 tokens creates them), so the measured step is a
+steady-state one: micro-batch 1 x `--seq` random tokens per rank, all supervised, forward + backward + clip +
+AdamW step, with `token_loss_sum(..., chunk_size)`. A launch's figure is its largest rank's.
 
 Figures per process (RSS sampled every 2 ms by a thread, torch 2.13 keeps no CPU allocator statistics):
   step peak above baseline = peak RSS during the step - RSS after imports and process-group start
@@ -85,7 +88,8 @@ def main(argv=None):
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunks", default="1024,256", help="chunk sizes to compare with the plain loss (0)")
+    parser.add_argument("--chunks", default="256", help="chunk sizes to compare with the plain loss (0)")
+    parser.add_argument("--ranks", default="1,2", help="rank counts to measure each chunk size on")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--worker", nargs=4, metavar=("MODEL", "SEQ", "CHUNK", "AC"), help="internal")
     args = parser.parse_args(argv)
@@ -96,48 +100,57 @@ def main(argv=None):
     model, seq, repeats = ("tiny", 256, 1) if args.smoke else ("smollm2", args.seq, args.repeats)
     if model == "smollm2":
         smollm2_dir()  # convert once, outside the measured processes
-    from recipes_core.launch import MALLOC_ENV
 
     chunks = [0] + [int(c) for c in args.chunks.split(",")]
+    ranks = [int(n) for n in args.ranks.split(",")]
     ac = "1" if args.activation_checkpointing else "0"
-    runs = {c: [] for c in chunks}
+    runs = {(n, c): [] for n in ranks for c in chunks}
     for r in range(repeats):
-        for c in chunks:
-            out = C.run_cmd([sys.executable, __file__, "--worker", model, str(seq), str(c), ac], threads=1,
-                            timeout=1800, env_extra=dict(MALLOC_ENV))
-            runs[c].append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
-            print(f"  round {r + 1} chunk {c}: {runs[c][-1]['above_baseline'] / 2**20:.0f} MiB above baseline",
-                  flush=True)
+        for n in ranks:
+            for c in chunks:
+                cmd = C.torchrun(n, None, ["--worker", model, str(seq), str(c), ac], script=Path(__file__))
+                out = C.run_cmd(cmd, threads=1, timeout=1800)
+                per_rank = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
+                assert len(per_rank) == n, f"expected {n} RESULT lines:\n{out[-2000:]}"
+                worst = {k: max(x[k] for x in per_rank) if isinstance(per_rank[0][k], (int, float)) and
+                         not isinstance(per_rank[0][k], bool) else per_rank[0][k] for k in per_rank[0]}
+                runs[n, c].append(worst)
+                print(f"  round {r + 1}, {n} rank(s), chunk {c}: {worst['above_baseline'] / 2**20:.0f} MiB above "
+                      f"baseline, largest rank", flush=True)
     from recipes_core import plan as P
 
     shape = P.resolve_model(str(smollm2_dir() if model == "smollm2" else C.tiny_dir()))[1]
     rows, ratios = [], []
-    for c in chunks:
-        predicted = P.plan(shape, 1, 1, seq, "fp32", ac == "1", False, c, device="cpu")["device"]  # same settings
-        for kind in ("above_baseline", "increment"):
-            per_round = [x[kind] / p[kind] for x, p in zip(runs[c], runs[0])]
-            row = {"loss": "plain" if c == 0 else f"chunked, {c} tokens", "figure": kind,
-                   "MiB (median)": statistics.median(x[kind] for x in runs[c]) / 2**20,
-                   "MiB min": min(x[kind] for x in runs[c]) / 2**20, "MiB max": max(x[kind] for x in runs[c]) / 2**20,
-                   "step s (median)": statistics.median(x["step_s"] for x in runs[c]),
-                   "/ plain (median)": statistics.median(per_round), "/ plain min": min(per_round),
-                   "/ plain max": max(per_round),
-                   "planner / measured": predicted / statistics.median(x[kind] for x in runs[c])
-                   if kind == "above_baseline" else None}
-            rows.append(row)
-            if c and kind == "above_baseline":
-                ratios.append(C.ratio(f"{model} seq {seq}: chunk {c} / plain, step peak above baseline (median of "
-                                      f"{repeats}, min {min(per_round):.3f}, max {max(per_round):.3f})",
-                                      statistics.median(per_round), "at most 0.7x",
-                                      statistics.median(per_round) <= 0.7))
+    for n in ranks:
+        plain = runs[n, 0]
+        for c in chunks:
+            predicted = P.plan(shape, n, 1, seq, "fp32", ac == "1", False, c, device="cpu")["device"]  # same settings
+            for kind in ("above_baseline", "increment"):
+                got = runs[n, c]
+                per_round = [x[kind] / p[kind] for x, p in zip(got, plain)]
+                row = {"ranks": n, "loss": "plain" if c == 0 else f"chunked, {c} tokens", "figure": kind,
+                       "MiB (median)": statistics.median(x[kind] for x in got) / 2**20,
+                       "MiB min": min(x[kind] for x in got) / 2**20, "MiB max": max(x[kind] for x in got) / 2**20,
+                       "step s (median)": statistics.median(x["step_s"] for x in got),
+                       "/ plain (median)": statistics.median(per_round), "/ plain min": min(per_round),
+                       "/ plain max": max(per_round),
+                       "planner / measured": predicted / statistics.median(x[kind] for x in got)
+                       if kind == "above_baseline" else None}
+                rows.append(row)
+                if c and kind == "above_baseline":
+                    ratios.append(C.ratio(
+                        f"{model} seq {seq}, {n} rank(s), activation checkpointing {'on' if ac == '1' else 'off'}: "
+                        f"chunk {c} / plain, step peak above baseline (median of {repeats}, min {min(per_round):.3f}, "
+                        f"max {max(per_round):.3f})", statistics.median(per_round), "at most 0.7x",
+                        statistics.median(per_round) <= 0.7))
     for row in rows:
         print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     notes = [__doc__.split("Figures per process", 1)[1].strip(),
-             f"Model {model}, micro-batch 1 x {seq} tokens, fp32, 1 thread, activation checkpointing "
+             f"Model {model}, micro-batch 1 x {seq} tokens per rank, fp32, 1 thread per rank, activation checkpointing "
              f"{'on' if ac == '1' else 'off'}, {repeats} interleaved rounds."]
     name = "chunked_loss" + ("_ac" if ac == "1" else "")
     return C.save_result(name, "Chunked cross-entropy: peak memory of a SmolLM2 step", C.command_line(),
-                         {"model": model, "seq": seq, "chunks": chunks, "repeats": repeats,
+                         {"model": model, "seq": seq, "chunks": chunks, "ranks": ranks, "repeats": repeats,
                           "activation_checkpointing": ac == "1"}, rows, ratios, notes, args.smoke)
 
 

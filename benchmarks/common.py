@@ -31,7 +31,7 @@ TOTAL_THREADS = 2  # this machine's cores; every route gets the same budget (1 t
 # Order of the sections in RESULTS.md.
 ORDER = ["train_compare_tiny", "train_compare_smollm2", "train_profile", "packing", "mfu", "mfu_optimizer", "convert", "inference", "memory_scaling",
          "memory_scaling_glibc_threshold", "memory_scaling_glibc_default", "cuda_train_compare", "load_memory", "compile_speed_tiny",
-         "compile_speed_smollm2"]
+         "compile_speed_smollm2", "chunked_loss", "chunked_loss_ac"]
 
 
 def offline_env(threads: int) -> dict[str, str]:

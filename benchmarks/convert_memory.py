@@ -1,6 +1,6 @@
 """Benchmark 4: peak memory and time of checkpoint -> Hugging Face conversion, ours against the naive route.
 
-    .venv/bin/python benchmarks/convert_memory.py [--smoke] [--hidden 1024 --layers 8 --vocab 32768]
+    .venv/bin/python benchmarks/convert_memory.py [--rounds 3] [--smoke] [--hidden 1024 --layers 8 --vocab 32768]
 
 Routes, each in its own fresh process (ru_maxrss cannot be reset, so one process per measurement):
   ours   recipes_core.convert.convert: model built on the meta device and materialised once, DCP reads
@@ -11,7 +11,9 @@ The checkpoint is a single-process DCP save of a randomly initialised Llama of t
 optimizer state: the naive route would only look worse with it).
 
 Reported per route: peak RSS (ru_maxrss), RSS after imports (baseline), peak - baseline as a multiple of
-the model's fp32 bytes, and the conversion's seconds (imports excluded). Ratios: ours / naive.
+the model's fp32 bytes, and the conversion's seconds (imports excluded). The routes alternate for --rounds
+rounds (ours, naive, ours, naive, ...); each figure is the median over rounds, each ratio the median of the
+per-round ratios ours / naive, with min-max.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--vocab", type=int)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--phase", choices=["ours", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -124,21 +128,35 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True)
     model_bytes = make_checkpoint(work, **shape)
     print(f"checkpoint: {shape}, {model_bytes / 2**20:.0f} MiB of fp32 weights", flush=True)
-    rows = []
-    for name in ("ours", "naive"):
-        measured = run_phase(name, work)
-        above = measured["peak_bytes"] - measured["baseline_bytes"]
-        rows.append({"route": name, "peak_rss_mib": round(measured["peak_bytes"] / 2**20, 1),
-                     "baseline_rss_mib": round(measured["baseline_bytes"] / 2**20, 1),
-                     "above_baseline_mib": round(above / 2**20, 1),
-                     "above_baseline_x_model": round(above / model_bytes, 2), "seconds": round(measured["seconds"], 2)})
-        print(json.dumps(rows[-1]), flush=True)
-    ours, naive = rows
-    memory = ours["above_baseline_mib"] / naive["above_baseline_mib"]
-    seconds = ours["seconds"] / naive["seconds"]
-    ratios = [C.ratio("ours / naive peak memory above baseline", memory, "<= 0.6x", None if args.smoke else memory <= 0.6),
-              C.ratio("ours / naive peak RSS (imports included)", ours["peak_rss_mib"] / naive["peak_rss_mib"]),
-              C.ratio("ours / naive seconds", seconds, "<= 1.0x (no slower)", None if args.smoke else seconds <= 1.0)]
+    measured = {"ours": [], "naive": []}
+    for i in range(1 if args.smoke else args.rounds):
+        for name in measured:
+            shutil.rmtree(work / name, ignore_errors=True)
+            (work / "full.pt").unlink(missing_ok=True)
+            measured[name].append(run_phase(name, work))
+            m = measured[name][-1]
+            print(f"  round {i + 1}, {name}: {(m['peak_bytes'] - m['baseline_bytes']) / 2**20:.0f} MiB above baseline, "
+                  f"{m['seconds']:.2f} s", flush=True)
+    med = statistics.median
+    above = {name: [m["peak_bytes"] - m["baseline_bytes"] for m in ms] for name, ms in measured.items()}
+    rows = [{"route": name, "peak_rss_mib": round(med(m["peak_bytes"] for m in ms) / 2**20, 1),
+             "baseline_rss_mib": round(med(m["baseline_bytes"] for m in ms) / 2**20, 1),
+             "above_baseline_mib": round(med(above[name]) / 2**20, 1),
+             "above_baseline_x_model": round(med(above[name]) / model_bytes, 2),
+             "seconds": round(med(m["seconds"] for m in ms), 2)} for name, ms in measured.items()]
+
+    def per_round(values):  # median and the min-max note of per-round ratios ours / naive
+        r = [a / b for a, b in zip(values["ours"], values["naive"])]
+        return med(r), f"median of {len(r)} round(s), min {min(r):.2f}x, max {max(r):.2f}x"
+
+    memory, memory_note = per_round(above)
+    rss, rss_note = per_round({k: [m["peak_bytes"] for m in ms] for k, ms in measured.items()})
+    seconds, seconds_note = per_round({k: [m["seconds"] for m in ms] for k, ms in measured.items()})
+    ratios = [C.ratio("ours / naive peak memory above baseline", memory, "<= 0.6x", None if args.smoke else memory <= 0.6,
+                      memory_note),
+              C.ratio("ours / naive peak RSS (imports included)", rss, note=rss_note),
+              C.ratio("ours / naive seconds", seconds, "<= 1.0x (no slower)", None if args.smoke else seconds <= 1.0,
+                      seconds_note)]
     notes = [f"Model: {shape}, {model_bytes / 2**20:.0f} MiB of fp32 weights, DCP checkpoint written by one process.",
              "Baseline = RSS after importing torch, transformers and recipes_core.convert, before converting; "
              "peak = ru_maxrss of the process. Ours stays near one copy of the weights above the baseline (it "
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
              "top of the whole model); the naive route holds the gathered state dict and the model at once."]
     return C.save_result("convert", "4. Conversion: our converter vs the naive route (benchmarks/convert_memory.py)",
                          " ".join([".venv/bin/python", "benchmarks/convert_memory.py"] + (["--smoke"] if args.smoke else [])),
-                         {**shape, "model_mib": round(model_bytes / 2**20, 1)}, rows, ratios, notes, args.smoke)
+                         {**shape, "model_mib": round(model_bytes / 2**20, 1), "rounds": len(above["ours"])}, rows, ratios, notes, args.smoke)
 
 
 if __name__ == "__main__":

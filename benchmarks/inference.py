@@ -6,12 +6,14 @@ One process, OMP_NUM_THREADS=2, the same model object and tokenizer for both rou
 the same max_new_tokens and the same stop ids (every end id from recipes_core.tokens.end_token_ids),
 chat prompts rendered with the tokenizer's template. Batch 1 (one prompt at a time) and batched (all
 prompts, batch_size 8, left padding). New tokens are counted by re-tokenizing each answer with the same
-tokenizer for both routes; each route runs `repeats` times, alternating, and keeps its fastest run.
+tokenizer for both routes. The routes alternate for `rounds` rounds (ours, pipeline, ours, ...); each row is a
+route's median over the rounds, each ratio the median of the per-round ratios, with min-max.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common as C  # noqa: E402
 
-SETTINGS = {"tiny": dict(prompts=16, batch=8, max_new_tokens=32, repeats=2),
-            "smollm2": dict(prompts=8, batch=8, max_new_tokens=24, repeats=1)}
-SMOKE = dict(prompts=2, batch=2, max_new_tokens=4, repeats=1)
+SETTINGS = {"tiny": dict(prompts=16, batch=8, max_new_tokens=32, rounds=3),
+            "smollm2": dict(prompts=8, batch=8, max_new_tokens=24, rounds=3)}
+SMOKE = dict(prompts=2, batch=2, max_new_tokens=4, rounds=1)
 
 
 def prompts(n: int) -> list[str]:
@@ -68,23 +70,24 @@ def main(argv=None):
 
         results = {}
         for batch in (1, s["batch"]):
-            best = {}
-            for _ in range(s["repeats"]):
+            runs = {"ours": [], "pipeline": []}  # (seconds, answers) per round
+            for _ in range(s["rounds"]):
                 for name, fn in (("ours", ours), ("pipeline", theirs)):
                     start = time.perf_counter()
                     answers = fn(batch)
-                    elapsed = time.perf_counter() - start
-                    if name not in best or elapsed < best[name][0]:
-                        best[name] = (elapsed, answers)
-            for name, (elapsed, answers) in best.items():
-                tokens = count(answers)
-                results[(name, batch)] = tokens / elapsed
+                    runs[name].append((time.perf_counter() - start, answers))
+            speeds = {name: [count(a) / t for t, a in got] for name, got in runs.items()}
+            for name, got in runs.items():
+                results[(name, batch)] = statistics.median(speeds[name])
                 rows.append({"model": model_name, "route": name, "batch": batch, "prompts": len(texts),
-                             "new tokens": tokens, "seconds": elapsed, "new tokens/s": tokens / elapsed})
-            same = sum(a == b for a, b in zip(best["ours"][1], best["pipeline"][1]))
-            r = results[("ours", batch)] / results[("pipeline", batch)]
-            ratios.append(C.ratio(f"{model_name}: ours / pipeline tokens/s, batch {batch}", r, None, None,
-                                  f"identical answers {same}/{len(texts)}"))
+                             "new tokens": count(got[0][1]), "seconds (median)": statistics.median(t for t, _ in got),
+                             "new tokens/s (median)": results[(name, batch)],
+                             "min-max": f"{min(speeds[name]):.1f}-{max(speeds[name]):.1f}"})
+            same = sum(a == b for a, b in zip(runs["ours"][0][1], runs["pipeline"][0][1]))
+            per_round = [a / b for a, b in zip(speeds["ours"], speeds["pipeline"])]
+            ratios.append(C.ratio(f"{model_name}: ours / pipeline tokens/s, batch {batch}", statistics.median(per_round),
+                                  None, None, f"{len(per_round)} round(s), min {min(per_round):.2f}x, max "
+                                              f"{max(per_round):.2f}x; identical answers {same}/{len(texts)}"))
         groups.append(model_name)
         series["ours batch 1"].append(results[("ours", 1)])
         series["pipeline batch 1"].append(results[("pipeline", 1)])

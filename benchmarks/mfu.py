@@ -1,12 +1,13 @@
 """Benchmark 3: model FLOPs utilisation of one training process against a matmul peak measured in the same run.
 
-    .venv/bin/python benchmarks/mfu.py [--model smollm2] [--no-profile] [--smoke]
+    .venv/bin/python benchmarks/mfu.py [--model smollm2] [--rounds 3] [--no-profile] [--smoke]
 
 One process (`python -m recipes_core.finetune`, FSDP2 group of one, OMP_NUM_THREADS=2 = the whole
 machine), packed blocks so no FLOP is spent on padding. Achieved FLOP/s = (6 x N + 12 x layers x
 hidden x seq) x tokens / step time (recipes_core.metrics.flops_per_token: PaLM's count, weights plus
 attention scores). Peak = the best of square fp32 matmuls (1024 and 2048) measured right before and
-after the training run with the same 2 threads, and the recipe's own in-process measurement.
+after the training run with the same threads, and the recipe's own in-process measurement. Each of --rounds
+rounds is its own peak-run-peak sequence; the MFU is the median of the per-round figures, with min-max.
 Then one training step runs under torch.profiler to show where the time goes.
 """
 
@@ -97,6 +98,7 @@ def main(argv=None):
                         help="only profile one step with AdamW's default and with fused=True")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads of the process and of the matmul peak (2 = the whole machine; see the notes)")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     if args.compare_optimizers:
         return compare_optimizers(args, SETTINGS, args.threads)
@@ -108,34 +110,44 @@ def main(argv=None):
              f"train.micro_batch_size={s['micro']}", f"train.grad_accum_steps={s['accum']}", f"train.lr={s['lr']}",
              "train.warmup_steps=0", f"data.max_train_examples={s.get('examples', 0)}"]
     seconds = 0.1 if args.smoke else 1.0
-    peak_before = matmul_peak(threads, seconds)
-    if args.smoke:
-        start, steps = C.finetune_inprocess(out, s["steps"], extra)
-    else:
-        C.run_cmd([sys.executable, "-m", "recipes_core.finetune", *C.finetune_overrides(out, s["steps"], extra)], threads=threads)
-        start, steps = C.read_finetune_metrics(out)
-    peak_after = matmul_peak(threads, seconds)
-    peak = max(peak_before, peak_after, start["peak_flops_per_rank"])
     from recipes_core.metrics import flops_per_token
     from recipes_core.models import load_model_config
 
     config = load_model_config(C.model_dir(model))
-    n = start["n_params"]
-    kept = steps[s["skip"]:] or steps[-1:]
-    seconds = sum(x["step_time_s"] for x in kept)
-    tokens = sum(x["tokens"] for x in kept)
-    achieved_6n = 6 * n * tokens / seconds
-    achieved = flops_per_token(config, n, start["n_trainable"], s["seq"]) * tokens / seconds
-    mfu = achieved / peak
-    rows = [{"model": model, "params": n, "tokens/step": tokens / len(kept), "step time (s)": seconds / len(kept),
-             "tokens/s": tokens / seconds, "achieved GFLOP/s (6N)": achieved_6n / 1e9,
-             "achieved GFLOP/s (6N + attention)": achieved / 1e9, "matmul peak GFLOP/s (before / after / in-run)":
-             f"{peak_before / 1e9:.1f} / {peak_after / 1e9:.1f} / {start['peak_flops_per_rank'] / 1e9:.1f}",
-             "MFU vs measured peak": mfu, "recipe's own logged MFU (last step)": kept[-1]["mfu"]}]
+    per_round = []
+    for i in range(1 if args.smoke else args.rounds):
+        peak_before = matmul_peak(threads, seconds)
+        if args.smoke:
+            start, steps = C.finetune_inprocess(out, s["steps"], extra)
+        else:
+            C.run_cmd([sys.executable, "-m", "recipes_core.finetune", *C.finetune_overrides(out, s["steps"], extra)],
+                      threads=threads)
+            start, steps = C.read_finetune_metrics(out)
+        peak_after = matmul_peak(threads, seconds)
+        peak = max(peak_before, peak_after, start["peak_flops_per_rank"])
+        n = start["n_params"]
+        kept = steps[s["skip"]:] or steps[-1:]
+        step_s = sum(x["step_time_s"] for x in kept)
+        tokens = sum(x["tokens"] for x in kept)
+        achieved = flops_per_token(config, n, start["n_trainable"], s["seq"]) * tokens / step_s
+        per_round.append({"peak": peak, "peaks": (peak_before, peak_after, start["peak_flops_per_rank"]),
+                          "achieved": achieved, "achieved_6n": 6 * n * tokens / step_s, "mfu": achieved / peak,
+                          "tokens": tokens, "seconds": step_s, "steps": len(kept), "logged_mfu": kept[-1]["mfu"]})
+        print(f"  round {i + 1}: MFU {per_round[-1]['mfu']:.3f}", flush=True)
+    mid = sorted(per_round, key=lambda r: r["mfu"])[len(per_round) // 2]  # the median round's figures
+    mfus = [r["mfu"] for r in per_round]
+    mfu, peak, achieved, achieved_6n = mid["mfu"], mid["peak"], mid["achieved"], mid["achieved_6n"]
+    rows = [{"model": model, "params": n, "tokens/step": mid["tokens"] / mid["steps"],
+             "step time (s)": mid["seconds"] / mid["steps"], "tokens/s": mid["tokens"] / mid["seconds"],
+             "achieved GFLOP/s (6N)": achieved_6n / 1e9, "achieved GFLOP/s (6N + attention)": achieved / 1e9,
+             "matmul peak GFLOP/s (before / after / in-run)": " / ".join(f"{x / 1e9:.1f}" for x in mid["peaks"]),
+             "MFU vs measured peak (median round)": mfu, "MFU min-max over rounds": f"{min(mfus):.3f}-{max(mfus):.3f}",
+             "recipe's own logged MFU (last step)": mid["logged_mfu"]}]
     ratios = [C.ratio(f"{model}: achieved / measured matmul peak (1 process)", mfu, ">= 0.50" if model == "smollm2" else None,
-                      (mfu >= 0.5) if model == "smollm2" else None)]
+                      (mfu >= 0.5) if model == "smollm2" else None,
+                      f"median of {len(mfus)} round(s), min {min(mfus):.3f}, max {max(mfus):.3f}")]
     notes = [f"{threads} thread(s), fp32, packed blocks of {s['seq']} tokens, micro-batch {s['micro']}, "
-             f"{len(kept)} timed steps after {s['skip']} warm-up step(s).",
+             f"{mid['steps']} timed steps after {s['skip']} warm-up step(s) per round; the row is the median round's.",
              "Peak is the highest of the three matmul measurements, so noise from other processes lowers the MFU "
              "rather than raising it.",
              "Threads: the peak and the training run use the same thread count. One thread by default: with other jobs on "
@@ -158,7 +170,8 @@ def main(argv=None):
                       [model], {"matmul peak (measured)": [peak / 1e9], "training, 6N + attention": [achieved / 1e9],
                                 "training, 6N": [achieved_6n / 1e9]}, "GFLOP/s")
     return C.save_result("mfu", "3. FLOPs utilisation against a measured matmul peak", C.command_line(),
-                         {"model": model, **s, "threads": threads}, rows, ratios, notes, args.smoke, plot)
+                         {"model": model, **s, "threads": threads, "rounds": len(per_round)}, rows, ratios, notes,
+                         args.smoke, plot)
 
 
 if __name__ == "__main__":

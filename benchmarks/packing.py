@@ -1,11 +1,13 @@
 """Benchmark 2: supervised tokens/s with packing against padding, same recipe, same data.
 
-    .venv/bin/python benchmarks/packing.py [--model tiny] [--smoke]
+    .venv/bin/python benchmarks/packing.py [--model tiny] [--rounds 3] [--smoke]
 
 Both runs are `torchrun --nproc_per_node 2 -m recipes_core.finetune` (FSDP2, 1 thread per rank) on the
 Alpaca-shaped cookbook data with the same data.max_seq_len, micro-batch size (rows per forward) and
 accumulation; the only change is `data.packing=true` (examples laid end to end in blocks of max_seq_len
 tokens with a block-diagonal causal mask) against dynamic padding to the longest example of each batch.
+The routes run once per round, the rounds one after the other (A B C A B C ...); a ratio is the median of the
+per-round ratios, with their min and max.
 """
 
 from __future__ import annotations
@@ -77,47 +79,62 @@ def length_stats(model: str, seq: int, path: str, micro: int) -> dict:
 def main(argv=None):
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
+    rounds = 1 if args.smoke else args.rounds
     s = SMOKE if args.smoke else SETTINGS
     model = "tiny" if args.smoke else args.model
     datasets = {"cookbook": str(C.ALPACA)} if args.smoke else {"cookbook": str(C.ALPACA), "long-tailed": str(write_longtail())}
-    rows, ratios, results, stats = [], [], {}, {}
+    rows, ratios, stats = [], [], {}
+    results = {}  # (data, batching) -> one steady_throughput per round
     runs = [(d, False, s["micro"]) for d in datasets] + [(d, True, s["micro"]) for d in datasets]
     if not args.smoke:  # padding with as many tokens per forward as a packed micro-batch
         runs.append(("long-tailed", False, s["micro"] * 2))
-    for data_name, packing, micro in runs:
-        stats.setdefault(data_name, length_stats(model, s["seq"], datasets[data_name], s["micro"]))
-        name = ("packing" if packing else "padding") + (f", micro {micro}" if micro != s["micro"] else "")
-        out = C.RUNS / f"packing_{model}_{data_name}_{name.replace(', ', '_').replace(' ', '')}"
-        extra = ["model.source=hf", f"model.path={C.model_dir(model)}", f"data.max_seq_len={s['seq']}",
-                 f"data.train_path={datasets[data_name]}",
-                 f"data.packing={str(packing).lower()}", f"train.micro_batch_size={micro}",
-                 f"train.grad_accum_steps={s['accum']}", f"train.lr={s['lr']}", "train.warmup_steps=0",
-                 f"data.max_train_examples={s.get('examples', 0)}"]
-        if args.smoke:
-            _, steps = C.finetune_inprocess(out, s["steps"], extra)
-        else:
-            C.run_cmd(C.torchrun(2, "recipes_core.finetune", C.finetune_overrides(out, s["steps"], extra)), threads=1)
-            _, steps = C.read_finetune_metrics(out)
-        r = C.steady_throughput(steps, s["skip"])
-        kept = steps[s["skip"]:] or steps[-1:]
-        r["fill"] = sum(x["supervised_tokens"] for x in kept) / sum(x["tokens"] for x in kept)
-        results[(data_name, name)] = r
-        rows.append({"data": data_name, "batching": name, "tokens/s": r["tokens_per_s"],
-                     "supervised tokens/s": r["supervised_tokens_per_s"], "supervised share of tokens": r["fill"],
-                     "tokens per step": sum(x["tokens"] for x in kept) / len(kept),
-                     "step time (s)": r["seconds"] / r["steps_timed"]})
+    for i in range(rounds):
+        for data_name, packing, micro in runs:
+            stats.setdefault(data_name, length_stats(model, s["seq"], datasets[data_name], s["micro"]))
+            name = ("packing" if packing else "padding") + (f", micro {micro}" if micro != s["micro"] else "")
+            out = C.RUNS / f"packing_{model}_{data_name}_{name.replace(', ', '_').replace(' ', '')}"
+            extra = ["model.source=hf", f"model.path={C.model_dir(model)}", f"data.max_seq_len={s['seq']}",
+                     f"data.train_path={datasets[data_name]}",
+                     f"data.packing={str(packing).lower()}", f"train.micro_batch_size={micro}",
+                     f"train.grad_accum_steps={s['accum']}", f"train.lr={s['lr']}", "train.warmup_steps=0",
+                     f"data.max_train_examples={s.get('examples', 0)}"]
+            if args.smoke:
+                _, steps = C.finetune_inprocess(out, s["steps"], extra)
+            else:
+                C.run_cmd(C.torchrun(2, "recipes_core.finetune", C.finetune_overrides(out, s["steps"], extra)), threads=1)
+                _, steps = C.read_finetune_metrics(out)
+            r = C.steady_throughput(steps, s["skip"])
+            kept = steps[s["skip"]:] or steps[-1:]
+            r["fill"] = sum(x["supervised_tokens"] for x in kept) / sum(x["tokens"] for x in kept)
+            r["tokens_per_step"] = sum(x["tokens"] for x in kept) / len(kept)
+            results.setdefault((data_name, name), []).append(r)
+            print(f"  round {i + 1}: {data_name}, {name}: {r['supervised_tokens_per_s']:.1f} supervised tokens/s",
+                  flush=True)
+    median = lambda key, field: statistics.median(r[field] for r in results[key])
+    for (data_name, name), per_round in results.items():
+        rows.append({"data": data_name, "batching": name, "tokens/s (median)": median((data_name, name), "tokens_per_s"),
+                     "supervised tokens/s (median)": median((data_name, name), "supervised_tokens_per_s"),
+                     "min-max": f"{min(r['supervised_tokens_per_s'] for r in per_round):,.1f}-"
+                                f"{max(r['supervised_tokens_per_s'] for r in per_round):,.1f}",
+                     "supervised share of tokens": per_round[0]["fill"], "tokens per step": per_round[0]["tokens_per_step"],
+                     "step time (s, median)": statistics.median(r["seconds"] / r["steps_timed"] for r in per_round)})
+
+    def gain(a, b):  # median and min-max of the per-round supervised tokens/s ratios a / b
+        per_round = [x["supervised_tokens_per_s"] / y["supervised_tokens_per_s"] for x, y in zip(results[a], results[b])]
+        return statistics.median(per_round), f"{len(per_round)} round(s), min {min(per_round):.2f}x, max {max(per_round):.2f}x"
+
     for data_name in datasets:
-        gain = results[(data_name, "packing")]["supervised_tokens_per_s"] / results[(data_name, "padding")]["supervised_tokens_per_s"]
+        value, spread = gain((data_name, "packing"), (data_name, "padding"))
         ratios.append(C.ratio(f"{model}, {data_name} data: packing / padding supervised tokens/s (same micro-batch)",
-                              gain, ">= 1.5x", gain >= 1.5))
+                              value, ">= 1.5x", value >= 1.5, spread))
     if ("long-tailed", f"padding, micro {s['micro'] * 2}") in results:
-        gain = (results[("long-tailed", "packing")]["supervised_tokens_per_s"] /
-                results[("long-tailed", f"padding, micro {s['micro'] * 2}")]["supervised_tokens_per_s"])
-        ratios.append(C.ratio(f"{model}, long-tailed data: packing / padding with ~equal tokens per forward", gain,
-                              None, None, "the gain from removing pads alone"))
+        value, spread = gain(("long-tailed", "packing"), ("long-tailed", f"padding, micro {s['micro'] * 2}"))
+        ratios.append(C.ratio(f"{model}, long-tailed data: packing / padding with ~equal tokens per forward", value,
+                              None, None, "the gain from removing pads alone; " + spread))
     plot = C.bar_plot(C.plot_path("packing", args.smoke), f"Packing vs padding, {model}, 2 FSDP ranks (same run)",
-                      list(datasets), {n: [results[(d, n)]["supervised_tokens_per_s"] for d in datasets]
+                      list(datasets), {n: [median((d, n), "supervised_tokens_per_s") for d in datasets]
                                        for n in ("padding", "packing")}, "supervised tokens / s")
     notes = [f"Token lengths, {d} data ({model} tokenizer, {st['examples']} examples): mean {st['mean']}, p10 {st['p10']}, "
              f"p50 {st['p50']}, p90 {st['p90']}, max {st['max']}; supervised tokens per example {st['supervised per example (mean)']}."
@@ -138,7 +155,7 @@ def main(argv=None):
              "Packing costs one 4-D (batch, 1, T, T) boolean mask per batch, which sends attention to the masked SDPA "
              "path; it is a small share of the step at these lengths."]
     return C.save_result("packing", "2. Packing vs padding", C.command_line(),
-                         {k: v for k, v in s.items()} | {"model": model, "ranks": 2}, rows, ratios, notes, args.smoke, plot)
+                         {k: v for k, v in s.items()} | {"model": model, "ranks": 2, "rounds": rounds}, rows, ratios, notes, args.smoke, plot)
 
 
 if __name__ == "__main__":

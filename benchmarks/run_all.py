@@ -28,8 +28,10 @@ SCRIPTS = {"train_compare_tiny": ("train_compare", ["--models", "tiny"]),
            "memory_scaling_glibc_threshold": ("memory_scaling", ["--glibc-threshold"]),
            "memory_scaling_glibc_default": ("memory_scaling", ["--glibc-default"]),
            "load_memory": ("load_memory", []),
-           "compile_speed_tiny": ("compile_speed", ["--models", "tiny"])}  # smollm2: compile_speed.py --models smollm2
-SMOKE_SKIP = {"memory_scaling_glibc_default", "memory_scaling_glibc_threshold", "train_compare_smollm2"}  # --smoke runs the same as another entry
+           "compile_speed_tiny": ("compile_speed", ["--models", "tiny"]),  # smollm2: compile_speed.py --models smollm2
+           "chunked_loss": ("chunked_loss", []), "chunked_loss_ac": ("chunked_loss", ["--activation-checkpointing"])}
+SMOKE_SKIP = {"memory_scaling_glibc_default", "memory_scaling_glibc_threshold", "train_compare_smollm2",
+              "chunked_loss_ac"}  # --smoke runs the same as another entry
 GPU_ONLY = {"cuda_train_compare": ("cuda_train_compare", [])}  # added where torch sees a GPU
 
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = [("convert_memory", [], "convert"), ("train_compare", [], "train_compare_tiny"),
            ("packing", [], "packing"), ("mfu", [], "mfu"), ("inference", [], "inference"),
            ("memory_scaling", [], "memory_scaling"), ("load_memory", [], "load_memory"),
-           ("cuda_train_compare", [], "cuda_train_compare")]
+           ("cuda_train_compare", [], "cuda_train_compare"), ("chunked_loss", ["--ranks", "2"], "chunked_loss")]
 
 
 @pytest.fixture(scope="module", autouse=True)
