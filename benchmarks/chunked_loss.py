@@ -91,11 +91,12 @@ def main(argv=None):
     parser.add_argument("--chunks", default="256", help="chunk sizes to compare with the plain loss (0)")
     parser.add_argument("--ranks", default="1,2", help="rank counts to measure each chunk size on")
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--worker", nargs=4, metavar=("MODEL", "SEQ", "CHUNK", "AC"), help="internal")
+    parser.add_argument("--worker", nargs=5, metavar=("MODEL", "SEQ", "CHUNK", "AC", "OUT"), help="internal")
     args = parser.parse_args(argv)
     if args.worker:
-        model, seq, chunk, ac = args.worker
-        print("RESULT " + json.dumps(worker(model, int(seq), int(chunk), ac == "1")))
+        model, seq, chunk, ac, out = args.worker
+        result = worker(model, int(seq), int(chunk), ac == "1")  # one file per rank: their stdout lines interleave
+        Path(f"{out}.rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result))
         return None
     model, seq, repeats = ("tiny", 256, 1) if args.smoke else ("smollm2", args.seq, args.repeats)
     if model == "smollm2":
@@ -108,10 +109,13 @@ def main(argv=None):
     for r in range(repeats):
         for n in ranks:
             for c in chunks:
-                cmd = C.torchrun(n, None, ["--worker", model, str(seq), str(c), ac], script=Path(__file__))
-                out = C.run_cmd(cmd, threads=1, timeout=1800)
-                per_rank = [json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line]
-                assert len(per_rank) == n, f"expected {n} RESULT lines:\n{out[-2000:]}"
+                out = C.RUNS / f"chunked_loss_{model}_{seq}_{n}_{c}_{ac}"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                for old in out.parent.glob(f"{out.name}.rank*.json"):
+                    old.unlink()
+                cmd = C.torchrun(n, None, ["--worker", model, str(seq), str(c), ac, out], script=Path(__file__))
+                C.run_cmd(cmd, threads=1, timeout=1800)
+                per_rank = [json.loads(out.with_name(f"{out.name}.rank{r}.json").read_text()) for r in range(n)]
                 worst = {k: max(x[k] for x in per_rank) if isinstance(per_rank[0][k], (int, float)) and
                          not isinstance(per_rank[0][k], bool) else per_rank[0][k] for k in per_rank[0]}
                 runs[n, c].append(worst)
@@ -149,7 +153,9 @@ def main(argv=None):
              f"Model {model}, micro-batch 1 x {seq} tokens per rank, fp32, 1 thread per rank, activation checkpointing "
              f"{'on' if ac == '1' else 'off'}, {repeats} interleaved rounds."]
     name = "chunked_loss" + ("_ac" if ac == "1" else "")
-    return C.save_result(name, "Chunked cross-entropy: peak memory of a SmolLM2 step", C.command_line(),
+    title = "9. Chunked cross-entropy: peak memory of a step at 2048 tokens, activation checkpointing " + (
+        "on" if ac == "1" else "off")
+    return C.save_result(name, title, C.command_line(),
                          {"model": model, "seq": seq, "chunks": chunks, "ranks": ranks, "repeats": repeats,
                           "activation_checkpointing": ac == "1"}, rows, ratios, notes, args.smoke)
 
