@@ -78,11 +78,15 @@ class TrainConfig:
     # so only one chunk's logits are ever in memory (recomputed in backward: the lm_head matmul runs twice).
     # Applies to micro-batches with more tokens than this (micro_batch_size x padded length); 0 = off. Same
     # loss and gradients as the plain loss up to summation order (tests/test_loss.py).
-    # Measured (benchmarks/chunked_loss.py, SmolLM2, one micro-batch of 2048 tokens, fp32 CPU, peak RSS above the
-    # runtime baseline): chunks of 1024 tokens 0.92x the plain loss's peak, of 256 0.85x; with activation
-    # checkpointing, 256: 0.78x (what the step adds above the weights and AdamW states: 0.53x). The saving grows with
-    # vocabulary x tokens (Llama 3: 128k vocabulary) and costs a second lm_head matmul, so it is off by default
-    # (the tiny and SmolLM2 recipes gain nothing at their lengths) and on in the Llama 3.x recipes (1024).
+    # Measured (benchmarks/chunked_loss.py, RESULTS.md section 9: SmolLM2, one micro-batch of 2048 tokens per rank,
+    # fp32 CPU, the launcher's mimalloc, peak RSS above the runtime baseline, 3 rounds, median (min-max)): chunks of
+    # 256 tokens with activation checkpointing, 2 ranks 0.645x (0.644-0.647) the plain loss's peak, 1 rank 0.79x
+    # (0.787-0.790); without it, 2 ranks 0.84x (0.836-0.838). The logits are each rank's whole-micro-batch item
+    # while the weights, gradients and AdamW states shrink with the ranks, so the saving weighs more with more
+    # ranks, with vocabulary x tokens (Llama 3: 128k vocabulary), and once activation checkpointing has removed the
+    # activations. It costs a second lm_head matmul (the step 1.04x as long with checkpointing, 0.94x without), so
+    # it is off by default (the tiny and SmolLM2 recipes' micro-batches are 512-1024 tokens: SmolLM2's would save
+    # 13% by the planner) and on in the Llama 3.x recipes (1024).
     loss_chunk_size: int = 0
     # torch.compile each decoder layer (inductor: C++ kernels on CPU, Triton on CUDA; preflight checks that the
     # compiler is there). The first step compiles (tens of seconds, longer on a busy CPU; later runs reuse
