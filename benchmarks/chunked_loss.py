@@ -115,7 +115,7 @@ def main(argv=None):
                     old.unlink()
                 cmd = C.torchrun(n, None, ["--worker", model, str(seq), str(c), ac, out], script=Path(__file__))
                 C.run_cmd(cmd, threads=1, timeout=1800)
-                per_rank = [json.loads(out.with_name(f"{out.name}.rank{r}.json").read_text()) for r in range(n)]
+                per_rank = [json.loads(out.with_name(f"{out.name}.rank{rank}.json").read_text()) for rank in range(n)]
                 worst = {k: max(x[k] for x in per_rank) if isinstance(per_rank[0][k], (int, float)) and
                          not isinstance(per_rank[0][k], bool) else per_rank[0][k] for k in per_rank[0]}
                 runs[n, c].append(worst)
@@ -153,7 +153,7 @@ def main(argv=None):
              f"Model {model}, micro-batch 1 x {seq} tokens per rank, fp32, 1 thread per rank, activation checkpointing "
              f"{'on' if ac == '1' else 'off'}, {repeats} interleaved rounds."]
     name = "chunked_loss" + ("_ac" if ac == "1" else "")
-    title = "9. Chunked cross-entropy: peak memory of a step at 2048 tokens, activation checkpointing " + (
+    title = f"9. Chunked cross-entropy: peak memory of a step at {seq} tokens, activation checkpointing " + (
         "on" if ac == "1" else "off")
     return C.save_result(name, title, C.command_line(),
                          {"model": model, "seq": seq, "chunks": chunks, "ranks": ranks, "repeats": repeats,
