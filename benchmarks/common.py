@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -219,6 +220,12 @@ def machine() -> str:
     except OSError:
         load = ""
     return f"{os.cpu_count()} CPU cores ({cpu}), {mem:.0f} GiB RAM, no GPU{load}"
+
+
+def round_ratios(numerators: list[float], denominators: list[float]) -> tuple[float, str]:
+    """A / B of two routes run once per round: the median of the per-round ratios and a min-max note."""
+    per_round = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return statistics.median(per_round), f"{len(per_round)} round(s), min {min(per_round):.2f}x, max {max(per_round):.2f}x"
 
 
 def ratio(name: str, value: float, target: str | None = None, met: bool | None = None, note: str = "") -> dict:

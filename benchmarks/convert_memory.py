@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
              "above_baseline_x_model": round(med(above[name]) / model_bytes, 2),
              "seconds": round(med(m["seconds"] for m in ms), 2)} for name, ms in measured.items()]
 
-    def per_round(values):  # median and the min-max note of per-round ratios ours / naive
-        r = [a / b for a, b in zip(values["ours"], values["naive"])]
-        return med(r), f"median of {len(r)} round(s), min {min(r):.2f}x, max {max(r):.2f}x"
+    def per_round(values):  # ours / naive, round by round
+        return C.round_ratios(values["ours"], values["naive"])
 
     memory, memory_note = per_round(above)
     rss, rss_note = per_round({k: [m["peak_bytes"] for m in ms] for k, ms in measured.items()})

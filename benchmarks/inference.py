@@ -84,10 +84,9 @@ def main(argv=None):
                              "new tokens/s (median)": results[(name, batch)],
                              "min-max": f"{min(speeds[name]):.1f}-{max(speeds[name]):.1f}"})
             same = sum(a == b for a, b in zip(runs["ours"][0][1], runs["pipeline"][0][1]))
-            per_round = [a / b for a, b in zip(speeds["ours"], speeds["pipeline"])]
-            ratios.append(C.ratio(f"{model_name}: ours / pipeline tokens/s, batch {batch}", statistics.median(per_round),
-                                  None, None, f"{len(per_round)} round(s), min {min(per_round):.2f}x, max "
-                                              f"{max(per_round):.2f}x; identical answers {same}/{len(texts)}"))
+            value, spread = C.round_ratios(speeds["ours"], speeds["pipeline"])
+            ratios.append(C.ratio(f"{model_name}: ours / pipeline tokens/s, batch {batch}", value, None, None,
+                                  f"{spread}; identical answers {same}/{len(texts)}"))
         groups.append(model_name)
         series["ours batch 1"].append(results[("ours", 1)])
         series["pipeline batch 1"].append(results[("pipeline", 1)])

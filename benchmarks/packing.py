@@ -121,9 +121,8 @@ def main(argv=None):
                      "supervised share of tokens": per_round[0]["fill"], "tokens per step": per_round[0]["tokens_per_step"],
                      "step time (s, median)": statistics.median(r["seconds"] / r["steps_timed"] for r in per_round)})
 
-    def gain(a, b):  # median and min-max of the per-round supervised tokens/s ratios a / b
-        per_round = [x["supervised_tokens_per_s"] / y["supervised_tokens_per_s"] for x, y in zip(results[a], results[b])]
-        return statistics.median(per_round), f"{len(per_round)} round(s), min {min(per_round):.2f}x, max {max(per_round):.2f}x"
+    def gain(a, b):  # supervised tokens/s a / b, round by round
+        return C.round_ratios(*([r["supervised_tokens_per_s"] for r in results[k]] for k in (a, b)))
 
     for data_name in datasets:
         value, spread = gain((data_name, "packing"), (data_name, "padding"))

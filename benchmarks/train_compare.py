@@ -133,8 +133,7 @@ def compare(args, model: str) -> dict:
 
     def per_round(a: str, b: str, key: str = "tokens_per_s") -> tuple[float, str]:
         """Median of the per-round ratios a/b (each round's pair ran minutes apart), and their min-max."""
-        values = [rnd[a][key] / rnd[b][key] for rnd in rounds]
-        return median(values), f"{len(values)} round(s), min {min(values):.2f}x, max {max(values):.2f}x"
+        return C.round_ratios([rnd[a][key] for rnd in rounds], [rnd[b][key] for rnd in rounds])
 
     value, spread = per_round("ours", "trainer")
     ratios.append(C.ratio(f"{model}: ours / Trainer tokens/s", value, ">= 1.0x", None if args.smoke else value >= 1.0,
